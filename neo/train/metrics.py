@@ -1,0 +1,113 @@
+"""What a run reports: tokens/s, TFLOP/s and MFU, memory, and the metrics files.
+
+MFU = achieved model FLOP/s per device / the device's peak. Peaks are dense (no sparsity) tensor
+throughput by device name for the run's dtype; ``logging.peak_tflops`` overrides the table, and
+MFU is left out where the peak is unknown (CPUs, unlisted GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+
+import torch
+
+# TFLOP/s, dense, by a substring of torch.cuda.get_device_name(); fp32 is the non-tensor-core rate.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "GH200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "B200": {"bf16": 2250.0, "fp16": 2250.0, "fp32": 80.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+    "RTX 4090": {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6},
+    "MI300X": {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4},
+    "MI250X": {"bf16": 383.0, "fp16": 383.0, "fp32": 47.9},
+}
+
+
+def peak_tflops(dtype: str, override: float | None = None) -> float | None:
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peaks in PEAK_TFLOPS.items():  # ordered so that "H100 PCIe" wins over "H100"
+        if key in name:
+            return peaks.get(dtype)
+    return None
+
+
+def memory_gb() -> float:
+    """Peak GPU memory allocated by this rank, or the process's peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Throughput:
+    """Tokens/s and model TFLOP/s per device over the steps since the last report."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, devices: int, peak: float | None):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.devices, self.peak = devices, peak
+        self.start = time.perf_counter()
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def report(self) -> dict[str, float]:
+        """Rates since the last report; then starts a new interval."""
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        tokens_per_s = self.steps * self.tokens_per_step / elapsed
+        tflops = tokens_per_s * self.flops_per_token / self.devices / 1e12
+        out = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "step_time_s": elapsed / max(1, self.steps)}
+        if self.peak:
+            out["mfu"] = tflops / self.peak
+        self.start, self.steps = now, 0
+        return out
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to ``metrics.jsonl`` (and TensorBoard scalars if asked)."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = False):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.file = open(self.path, "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("neo: logging.tensorboard is on but the tensorboard package is missing; "
+                      "pip install tensorboard (continuing without it)", flush=True)
+            else:
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

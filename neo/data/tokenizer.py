@@ -171,6 +171,7 @@ def _from_package(name: str) -> Tokenizer | None:
     return _make(name, _PATTERNS[name], ranks, _SPECIALS[name])
 
 
+@lru_cache(maxsize=8)
 def _named(name: str) -> Tokenizer:
     tok = _from_package(name)
     if tok is not None:
@@ -218,10 +219,10 @@ def _from_path(path: Path) -> Tokenizer:
     return _make(f"file:{path}@{sha[:12]}", _R50K_PAT, ranks, {ENDOFTEXT: max(ranks.values()) + 1})
 
 
-@lru_cache(maxsize=8)
 def load_tokenizer(spec: str) -> Tokenizer:
     """`gpt2` | `r50k_base` | `cl100k_base` | `o200k_base` | path to a .tiktoken file | directory with
-    encoder.json + vocab.bpe. Never touches the network when the packaged files are installed."""
+    encoder.json + vocab.bpe. Never touches the network when the packaged files are installed.
+    Named encodings are cached in the process; files are read again each time (they may change)."""
     if spec in _PACKAGED:
         return _named(spec)
     path = Path(spec).expanduser()

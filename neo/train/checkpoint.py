@@ -3,12 +3,18 @@
 Layout of ``checkpoint.dir``::
 
     latest                  one line: the tag of the newest complete checkpoint
-    iter_00000200/          DeepSpeed's files + rng/rank_*.pt + neo.json (written last)
+    iter_00000200/          DeepSpeed's files, rng/rank_*.pt, weights/tp*-pp*.safetensors, neo.json (last)
     .tmp-iter_00000300/     a save in progress (or one that crashed): never loaded, removed later
 
 Every rank writes under the temporary tag; after a barrier rank 0 writes ``neo.json``, renames the
 folder to its final tag and atomically replaces ``latest``. Old checkpoints are pruned only after
 that. neo reads its own files with ``weights_only`` loading (JSON and tensors, no pickled code).
+
+Besides DeepSpeed's resumable state, each checkpoint holds the model weights in neo's own format:
+one safetensors file per (tensor, pipeline) rank, with parameters under the plain model's names and
+``neo.json`` recording which dimension each was split along. Generation, evaluation, export and
+loading into another parallel layout read those, without DeepSpeed and without unpickling. ``neo.json``
+also lists the size of every file, so a truncated checkpoint is refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import shutil
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import neo
 
@@ -86,7 +94,59 @@ def find_latest(root: str) -> str | None:
     return os.path.join(root, tags[-1]) if tags else None
 
 
-def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None) -> str:
+def canonical_name(name: str) -> str:
+    """The plain model's parameter name for a name in the plain or the pipeline form."""
+    if name.startswith("module."):
+        name = name[len("module."):]
+    if name.startswith("tied_modules.embed."):
+        return "layers.0." + name[len("tied_modules.embed."):]
+    head, _, rest = name.partition(".")
+    return f"layers.{head}.{rest}" if head.isdigit() else name
+
+
+def _save_weights(module: torch.nn.Module, folder: str, topo, zero_stage: int) -> dict[str, int | None]:
+    """Write this (tensor, pipeline) rank's weights once per data-parallel group; return split dims."""
+    import contextlib
+
+    gather = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    splits = {canonical_name(n): getattr(p, "tp_split_dim", None) for n, p in module.named_parameters()}
+    with gather:
+        if topo.coord.data == 0:
+            state = {canonical_name(n): t.detach().cpu().clone().contiguous() for n, t in module.state_dict().items()
+                     if canonical_name(n) in splits}
+            os.makedirs(os.path.join(folder, "weights"), exist_ok=True)
+            save_file(state, os.path.join(folder, "weights", f"tp{topo.coord.tensor:02d}-pp{topo.coord.pipe:02d}"
+                                                             ".safetensors"))
+    return splits
+
+
+def _manifest(folder: str) -> dict[str, int]:
+    sizes = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            sizes[os.path.relpath(full, folder)] = os.path.getsize(full)
+    return sizes
+
+
+def verify(path: str, meta: dict) -> None:
+    """Every file the manifest lists is present with its recorded size."""
+    for rel, size in meta.get("files", {}).items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing. Fix: load an earlier "
+                                  "checkpoint (delete this folder and `latest` falls back to the previous one).")
+        if os.path.getsize(full) != size:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {rel} has {os.path.getsize(full):,} bytes, "
+                                  f"{size:,} were written. Fix: load an earlier checkpoint (delete this folder).")
+
+
+def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None, topo=None,
+         zero_stage: int = 0) -> str:
     """Save a checkpoint of ``engine`` at ``iteration`` and publish it atomically (all ranks call)."""
     tag, tmp_tag = tag_for(iteration), ".tmp-" + tag_for(iteration)
     tmp_dir, final_dir = os.path.join(root, tmp_tag), os.path.join(root, tag)
@@ -97,9 +157,15 @@ def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None)
     engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
     os.makedirs(os.path.join(tmp_dir, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(tmp_dir, "rng", f"rank_{_rank():05d}.pt"))
+    splits = _save_weights(engine.module, tmp_dir, topo, zero_stage) if topo is not None else {}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, splits)
+        splits = {k: v for part in gathered for k, v in part.items()}
     _barrier()
     if _rank() == 0:
-        meta = dict(meta, iteration=iteration, neo_version=neo.__version__)
+        meta = dict(meta, iteration=iteration, neo_version=neo.__version__, tp_split=splits,
+                    files=_manifest(tmp_dir))
         _atomic_write(os.path.join(tmp_dir, META), json.dumps(meta, indent=1))
         if os.path.isdir(final_dir):  # a re-save of the same step (e.g. a signal right after a save)
             shutil.rmtree(final_dir)
@@ -179,3 +245,50 @@ def load(engine, path: str, *, weights_only: bool) -> None:
         rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
         if os.path.isfile(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+def load_full_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The unsplit model weights of checkpoint ``path`` (TP shards concatenated, PP stages joined)."""
+    path = resolve(path)
+    meta = read_meta(path)
+    verify(path, meta)
+    layout = meta.get("layout", {})
+    tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
+    shards: dict[str, list[torch.Tensor]] = {}
+    for p in range(pp):
+        for t in range(tp):
+            file = os.path.join(path, "weights", f"tp{t:02d}-pp{p:02d}.safetensors")
+            if not os.path.isfile(file):
+                raise CheckpointError(f"checkpoint {path} lacks {os.path.relpath(file, path)} (saved with tp={tp} "
+                                      f"pp={pp}). Fix: load an earlier checkpoint.")
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        shards.setdefault(name, []).append(f.get_tensor(name))
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+                raise CheckpointError(f"{file} is unreadable ({e}); the checkpoint is corrupt.") from None
+    splits = meta.get("tp_split", {})
+    state = {}
+    for name, parts in shards.items():
+        dim = splits.get(name)
+        state[name] = torch.cat(parts, dim=dim) if dim is not None and len(parts) > 1 else parts[0]
+    return state, meta
+
+
+def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A plain (tp = 1, pp = 1) ``GPT`` with the weights of checkpoint ``path``, in eval mode.
+
+    Returns (model, ModelArgs, meta). Works for any tp/pp/dp/ZeRO layout the checkpoint was saved with.
+    """
+    from neo.model.args import ModelArgs
+    from neo.model.gpt import GPT
+
+    state, meta = load_full_weights(path)
+    args = ModelArgs(**meta["model"])
+    model = GPT(args)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match its recorded model shape: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model.eval(), args, meta

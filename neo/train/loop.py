@@ -148,6 +148,7 @@ class Trainer:
         if path is None:
             return
         meta = ckpt.read_meta(path)
+        ckpt.verify(path, meta)
         ckpt.check_compatible(meta, dataclasses.asdict(self.args), self._layout(), path, weights_only)
         ckpt.load(self.engine, path, weights_only=weights_only)
         if not weights_only:
@@ -159,8 +160,9 @@ class Trainer:
     def save(self) -> str:
         meta = {"consumed_samples": self.consumed, "config": neo_config.to_dict(self.cfg),
                 "model": dataclasses.asdict(self.args), "layout": self._layout(),
-                "tokenizer": self.tokenizer.name}
-        path = ckpt.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta, self.cfg.checkpoint.keep_last_n)
+                "tokenizer": self.tokenizer.name, "tokenizer_spec": self.cfg.data.tokenizer}
+        path = ckpt.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta, self.cfg.checkpoint.keep_last_n,
+                         topo=self.topo, zero_stage=self.cfg.zero.stage)
         log(f"neo: saved checkpoint {path}")
         return path
 

@@ -62,6 +62,9 @@ class ScheduleConfig:
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     decay_iters: int | None = None  # steps over which lr decays to min_lr; None: iterations
     min_lr: float = 0.0
+    # stop (after saving a checkpoint) once this launch has run N steps; the next launch resumes.
+    # For fixed-length job slots; None trains to `iterations`.
+    exit_interval: int | None = None
 
 
 @dataclass
@@ -472,9 +475,11 @@ def _check_training(cfg: Config, b: _Builder) -> None:
     if s.decay_iters is not None and s.decay_iters <= s.warmup:
         p.append(f"schedule.decay_iters = {s.decay_iters} {w('schedule.decay_iters')} must be above "
                  f"schedule.warmup = {s.warmup}")
+    if s.exit_interval is not None and s.exit_interval <= 0:
+        p.append(f"schedule.exit_interval = {s.exit_interval} {w('schedule.exit_interval')} must be > 0 (or null)")
     if o.lr <= 0:
         p.append(f"optimizer.lr = {o.lr} {w('optimizer.lr')} must be > 0")
-    if not 0 <= s.min_lr <= o.lr:
+    elif not 0 <= s.min_lr <= o.lr:
         p.append(f"schedule.min_lr = {s.min_lr} {w('schedule.min_lr')} must be between 0 and "
                  f"optimizer.lr = {o.lr} {w('optimizer.lr')}")
     if len(o.betas) != 2 or not all(0 <= x < 1 for x in o.betas):

@@ -16,7 +16,7 @@ SAMPLE = ROOT / "data" / "sample" / "austen.jsonl.gz"
 
 # Synthetic token files: token = 1 + doc * STRIDE + position, EOD = 0, so every token names its document.
 STRIDE = 10_000
-SYN_VOCAB = 1 << 24
+SYN_VOCAB = 1 << 26
 EOD = 0
 
 

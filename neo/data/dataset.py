@@ -19,7 +19,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +40,6 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-@contextmanager
-def _file_lock(path: Path):
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def cached_arrays(folder: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Arrays from `folder`, building them first if needed, safely under many processes.
 
@@ -60,8 +49,14 @@ def cached_arrays(folder: Path, build: Callable[[], dict[str, np.ndarray]]) -> d
     dist = _dist()
     builder = dist is None or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
     if builder and not folder.is_dir():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(folder.parent / ".lock"):
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(folder.parent / ".lock", "a")
+        except OSError as e:
+            raise DataError(f"cannot write the index cache in {folder.parent} ({e.strerror}); "
+                            "set cache_dir to a writable directory") from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if not folder.is_dir():
                 tmp = folder.parent / f"{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
                 tmp.mkdir()

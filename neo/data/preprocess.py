@@ -244,8 +244,14 @@ def _chunks(sources: list[Source], key: str, text_mode: str, split: str, config:
 _STATE: dict = {}
 
 
-def _init_worker(tokenizer: str, key: str) -> None:
+def _init_worker(tokenizer: str, key: str, parent: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    if parent is not None and sys.platform == "linux":  # die with the parent, even when it is SIGKILLed
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
     _STATE.update(tok=load_tokenizer(tokenizer), key=key)
 
 
@@ -310,7 +316,7 @@ def _results(chunks: Iterator[Chunk], workers: int, init: tuple) -> Iterator[tup
         yield from map(_encode_chunk, chunks)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, _init_worker, init) as pool:  # leaving the block terminates the workers
+    with ctx.Pool(workers, _init_worker, (*init, os.getpid())) as pool:  # leaving the block terminates the workers
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -386,6 +392,9 @@ def preprocess(
 ) -> Stats:
     """Tokenize `inputs` into `<output>.bin` + `<output>.idx`; returns the counts. Raises DataError on
     unusable input (and, with strict=True, on the first bad line); nothing is published then."""
+    if output.endswith(("/", os.sep)) or Path(output).is_dir():
+        raise DataError(f"--output {output} is a directory; give a prefix such as {Path(output) / 'corpus'} "
+                        "(writes corpus.bin and corpus.idx)")
     sources = resolve_inputs(inputs, fmt)
     tok = load_tokenizer(tokenizer)
     if not workers:
@@ -475,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     skipped = sum(s.skipped.values())
     dt = max(s.seconds, 1e-9)
-    print(f"done in {s.seconds:.1f} s: {s.docs:,} documents, {_si(s.bytes, 'B')} of text -> {s.tokens:,} tokens "
+    print(f"done in {s.seconds:.2f} s: {s.docs:,} documents, {_si(s.bytes, 'B')} of text -> {s.tokens:,} tokens "
           f"({_si(s.docs / dt, 'docs/s')}, {_si(s.bytes / dt, 'B/s')}, {_si(s.tokens / dt, 'tokens/s')}, "
           f"{s.workers} workers)")
     if skipped:

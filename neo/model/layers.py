@@ -66,20 +66,48 @@ class Rotary(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values of the positions seen so far, per layer, for incremental decoding."""
+    """Keys and values of the positions seen so far, per layer, for incremental decoding.
+
+    With ``max_length`` set, each layer's buffer [b, heads, max_length, head_dim] is allocated on its
+    first update and later updates write in place, so a decoding step costs one position however
+    long the prefix is (concatenation would copy the whole cache at every step). Without it the
+    cache grows by concatenation, for callers that do not know the final length.
+    """
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
+    max_length: int | None = None
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Positions held (by layer 0; every layer holds the same number between forward passes)."""
+        return self.lengths[0] if self.lengths else 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [b, heads, s, head_dim] to ``layer``'s cache; return all keys and values so far."""
         while len(self.keys) <= layer:
             self.keys.append(None)
             self.values.append(None)
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=2)
-            v = torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+            self.lengths.append(0)
+        n, s = self.lengths[layer], k.shape[2]
+        if self.max_length is None:
+            if self.keys[layer] is not None:
+                k = torch.cat((self.keys[layer], k), dim=2)
+                v = torch.cat((self.values[layer], v), dim=2)
+            self.keys[layer], self.values[layer] = k, v
+            self.lengths[layer] = n + s
+            return k, v
+        if n + s > self.max_length:
+            raise ValueError(f"KV cache full: {n} + {s} positions > max_length {self.max_length}")
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        self.keys[layer][:, :, n:n + s] = k
+        self.values[layer][:, :, n:n + s] = v
+        self.lengths[layer] = n + s
+        return self.keys[layer][:, :, :n + s], self.values[layer][:, :, :n + s]
 
 
 @dataclass
@@ -136,6 +164,8 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if mask is None and k.shape[2] == s:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif mask is None and s == 1:  # one new query at the end of an unpadded cache: it sees every key
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             if mask is None:  # cached decoding without padding: the new queries sit at the end
                 total = k.shape[2]

@@ -249,6 +249,10 @@ class Trainer:
                 self._validate(writer)
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0 and not last:
                 self.save()
+            if not last and cfg.schedule.exit_interval and self.iteration - start_iteration >= cfg.schedule.exit_interval:
+                log(f"neo: schedule.exit_interval reached after {self.iteration - start_iteration} steps in this launch; "
+                    "saving. Launch again to continue.")
+                break
             if not last and stop.agreed(self.device):
                 log(f"neo: signal {stop.signum or 'on another rank'} received: saving and exiting with "
                     f"{REQUEUE_EXIT} so the job can be requeued")

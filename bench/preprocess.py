@@ -1,0 +1,211 @@
+"""Benchmark: tokens/s of launch/preprocess.py (1 and 2 workers) against plain tiktoken loops, side by side.
+
+    python bench/preprocess.py                    # builds ~48 MB of JSONL from the sample corpus in /tmp
+    python bench/preprocess.py --input big.jsonl  # or any JSONL with a "text" field
+
+Every method reads and parses the same JSONL and tokenizes with the same gpt2 encoding; the rounds
+are interleaved and the median is reported, since only ratios measured in one run mean anything.
+  plain loop    one process: for each line, json.loads, encode_ordinary
+  batch 1 thr   one process: encode_ordinary_batch(num_threads=1) over 1000-document batches
+  preprocess    `python launch/preprocess.py --workers N` (its own timer, so interpreter start-up and
+                tokenizer loading are excluded as for the loops; wall time including them is shown too)
+Writes bench/results/preprocess-<date>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from neo.data.tokenizer import load_tokenizer  # noqa: E402
+
+SAMPLE = ROOT / "data" / "sample" / "austen.jsonl.gz"
+
+
+def make_input(path: Path, mb: float) -> None:
+    """Repeat the sample corpus up to `mb` MB; each copy shifts every chapter's paragraphs, so no
+    document repeats exactly."""
+    with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
+    size, copy = 0, 0
+    with open(path, "w", encoding="utf-8") as out:
+        while size < mb * 1e6:
+            for d in docs:
+                paras = d["text"].split("\n\n")
+                k = copy % len(paras)
+                line = json.dumps({"text": "\n\n".join(paras[k:] + paras[:k]), "copy": copy}) + "\n"
+                out.write(line)
+                size += len(line.encode())
+            copy += 1
+
+
+def plain_loop(path: Path, enc) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            n += len(enc.encode_ordinary(json.loads(line)["text"])) + 1
+    return n
+
+
+def batch_one_thread(path: Path, enc) -> int:
+    n, batch = 0, []
+    with open(path, "rb") as f:
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            if len(batch) == 1000:
+                n += sum(len(x) + 1 for x in enc.encode_ordinary_batch(batch, num_threads=1))
+                batch = []
+    return n + sum(len(x) + 1 for x in enc.encode_ordinary_batch(batch, num_threads=1))
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants (Linux /proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(stat.parent.name) == pid or int(fields[1]) == pid:
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def run_cli(path: Path, out: Path, workers: int) -> dict:
+    cmd = [sys.executable, str(ROOT / "launch" / "preprocess.py"), str(path), "-o", str(out), "--workers", str(workers)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = [0]
+
+    def watch():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    stdout = proc.communicate()[0]
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{stdout}")
+    m = re.search(r"done in ([\d.]+) s: .* -> ([\d,]+) tokens", stdout)
+    tokens, seconds = int(m.group(2).replace(",", "")), float(m.group(1))
+    return {"tokens": tokens, "seconds": seconds, "wall_seconds": wall, "peak_rss_mb": peak[0] / 1e6,
+            "command": " ".join(cmd)}
+
+
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", type=Path, help="JSONL with a 'text' field (default: built from the sample corpus)")
+    ap.add_argument("--mb", type=float, default=48, help="size of the generated input (default: 48 MB)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+
+    import numpy
+    import tiktoken
+
+    tmp = Path(tempfile.mkdtemp(prefix="neo-bench-"))
+    path = args.input or tmp / "corpus.jsonl"
+    if not args.input:
+        make_input(path, args.mb)
+    mb = path.stat().st_size / 1e6
+    enc = load_tokenizer("gpt2").encoding
+    methods = {
+        "plain loop (encode_ordinary)": lambda: {"tokens": plain_loop(path, enc)},
+        "encode_ordinary_batch, 1 thread": lambda: {"tokens": batch_one_thread(path, enc)},
+        "preprocess.py --workers 1": lambda: run_cli(path, tmp / "w1", 1),
+        "preprocess.py --workers 2": lambda: run_cli(path, tmp / "w2", 2),
+    }
+    runs: dict[str, list[dict]] = {k: [] for k in methods}
+    for r in range(args.rounds):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            res = fn()
+            res.setdefault("seconds", time.perf_counter() - t0)
+            res["tokens_per_s"] = res["tokens"] / res["seconds"]
+            runs[name].append(res)
+            print(f"round {r + 1}: {name:34s} {res['tokens_per_s'] / 1e6:6.2f} M tokens/s", flush=True)
+    tokens = {runs[k][0]["tokens"] for k in runs}
+    assert len(tokens) == 1, f"methods disagree on the token count: {tokens}"
+    base = statistics.median(x["tokens_per_s"] for x in runs["plain loop (encode_ordinary)"])
+    rows = []
+    for name, rs in runs.items():
+        tps = statistics.median(x["tokens_per_s"] for x in rs)
+        row = {"method": name, "tokens_per_s": tps, "vs_plain_loop": tps / base,
+               "seconds": statistics.median(x["seconds"] for x in rs)}
+        if "wall_seconds" in rs[0]:
+            row |= {"wall_seconds": statistics.median(x["wall_seconds"] for x in rs),
+                    "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "command": rs[0]["command"]}
+        rows.append(row)
+    record = {
+        "benchmark": "preprocess", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "input": {"path": str(path), "mb": round(mb, 1), "documents": sum(1 for _ in open(path, "rb")),
+                  "tokens": tokens.pop(), "generated_from_sample": not args.input},
+        "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine()},
+        "versions": {"python": platform.python_version(), "tiktoken": tiktoken.__version__,
+                     "numpy": numpy.__version__, "neo": _git_rev()},
+        "rounds": args.rounds, "results": rows,
+        "targets": {"2 workers >= 1.7x plain loop": rows[3]["vs_plain_loop"] >= 1.7,
+                    "plain loop >= encode_ordinary_batch 1 thread": rows[0]["tokens_per_s"] >= rows[1]["tokens_per_s"]},
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"preprocess-{record['date'][:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(record))
+    print(_markdown(record))
+    print(f"wrote {stem}.md and .json")
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "uncommitted"
+
+
+def _markdown(r: dict) -> str:
+    lines = [
+        f"# preprocess benchmark, {r['date']}", "",
+        f"- command: `{r['command']}`",
+        f"- input: {r['input']['mb']} MB JSONL, {r['input']['documents']:,} documents, {r['input']['tokens']:,} "
+        f"gpt2 tokens ({'generated from data/sample' if r['input']['generated_from_sample'] else r['input']['path']})",
+        f"- hardware: {r['hardware']['cpu']}, {r['hardware']['cores']} cores ({r['hardware']['machine']})",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+        f"- median of {r['rounds']} interleaved rounds; preprocess seconds are its own timer (after start-up "
+        "and tokenizer load, as for the loops); wall includes the interpreter start-up", "",
+        "| method | M tokens/s | vs plain loop | seconds | wall s | peak RSS (MB, all processes) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for x in r["results"]:
+        lines.append(f"| {x['method']} | {x['tokens_per_s'] / 1e6:.2f} | {x['vs_plain_loop']:.2f}x | {x['seconds']:.2f} | "
+                     f"{x.get('wall_seconds', float('nan')):.2f} | {x.get('peak_rss_mb', float('nan')):.0f} |")
+    lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

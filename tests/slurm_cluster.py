@@ -1,0 +1,273 @@
+"""A throwaway one-node SLURM cluster on localhost, for tests of the sbatch scripts.
+
+    with LocalSlurm(tmp_path / "slurm") as cluster:      # munged, slurmctld, slurmd under tmp_path
+        job = cluster.sbatch("slurm/train.sbatch", "ds_configs/models/tiny.yml", cwd=repo)
+        info = cluster.wait(job, timeout=90)            # {'JobState': 'COMPLETED', 'ExitCode': '0:0', ...}
+
+Everything (munge key and socket, Slurm's config, state, spool, logs, pid files) lives in one
+scratch folder, on ports picked free, so it touches nothing system-wide and two clusters can
+coexist. Needs root (slurmd and munged run as root) and Debian's packages `slurmctld slurmd
+slurm-client munge`; ``unavailable_reason()`` says why a cluster cannot be had, installing the
+packages with apt-get when it can. Every wait has a wall-clock deadline and ``stop()`` always
+ends the daemons, with SIGKILL when they do not listen.
+
+By hand:  python tests/slurm_cluster.py /tmp/cluster   (starts it, prints the env, stops on Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+BINARIES = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo"]
+# squeue/scontrol states after which a job will not run again by itself.
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def _missing() -> list[str]:
+    sbin = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return [b for b in BINARIES if shutil.which(b, path=sbin) is None]
+
+
+def unavailable_reason(install: bool = True) -> str | None:
+    """None when a cluster can be started here; otherwise why not (a pytest skip reason).
+
+    With ``install``, missing packages are installed with apt-get (root only), as .ci/run does.
+    """
+    if os.name != "posix" or not hasattr(os, "geteuid"):
+        return "SLURM needs Linux"
+    if os.geteuid() != 0:
+        return "starting slurmd and munged needs root"
+    if not _missing():
+        return None
+    if not install or shutil.which("apt-get") is None:
+        return f"SLURM is not installed (missing {', '.join(_missing())}) and apt-get is not available"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:  # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"could not install SLURM with apt-get: {e}"
+    if proc.returncode != 0 or _missing():
+        return f"could not install SLURM with apt-get (rc {proc.returncode}): {proc.stderr.strip()[-500:]}"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class LocalSlurm:
+    def __init__(self, root: str | Path, cpus: int | None = None):
+        self.root = Path(root).resolve()
+        self.node = socket.gethostname().split(".")[0]  # slurmctld accepts only this host's short name
+        # Jobs ask for 2 tasks; config_overrides lets the node offer more CPUs than the machine has.
+        self.cpus = cpus or max(2, os.cpu_count() or 1)
+        self.conf = self.root / "etc" / "slurm.conf"
+        self.munge_socket = self.root / "munge" / "munge.socket"
+        path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+        # Client commands and jobs (sbatch exports the submitter's environment) find the cluster here.
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=path)
+        self._pidfiles: list[Path] = []
+
+    # ------------------------------------------------------------------ start / stop
+    def __enter__(self) -> LocalSlurm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 30) -> None:
+        for sub in ("etc", "state", "spool", "log", "run", "munge"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._start_munge()
+        self._write_conf()
+        self._daemon(["slurmctld", "-f", str(self.conf)], self.root / "run" / "slurmctld.pid")
+        self._daemon(["slurmd", "-f", str(self.conf), "-N", self.node], self.root / "run" / "slurmd.pid")
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self._run(["sinfo", "-h", "-n", self.node, "-o", "%T"], check=False, timeout=5).strip()
+            if state == "idle":
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"node {self.node} not idle after {timeout:.0f} s (state {state!r}); logs:\n"
+                           + self.logs())
+
+    def _start_munge(self) -> None:
+        m = self.root / "munge"
+        m.chmod(0o700)  # munged refuses keys in group- or world-accessible folders
+        key = m / "munge.key"
+        if not key.exists():
+            subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True,
+                           timeout=30, env=self.env)
+        key.chmod(0o600)
+        self._daemon(["munged", f"--socket={self.munge_socket}", f"--key-file={key}",
+                      f"--log-file={m / 'munged.log'}", f"--pid-file={m / 'munged.pid'}",
+                      f"--seed-file={m / 'munged.seed'}"], m / "munged.pid")
+
+    def _write_conf(self) -> None:
+        r, node = self.root, self.node
+        self.conf.write_text(f"""\
+ClusterName=neotest
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.munge_socket}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerParameters=batch_sched_delay=0,sched_interval=1
+SlurmdParameters=config_overrides
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+ReturnToService=2
+KillWait=30
+StateSaveLocation={r / 'state'}
+SlurmdSpoolDir={r / 'spool'}
+SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}
+SlurmdPidFile={r / 'run' / 'slurmd.pid'}
+SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
+SlurmdLogFile={r / 'log' / 'slurmd.log'}
+NodeName={node} NodeAddr=127.0.0.1 CPUs={self.cpus} Boards=1 SocketsPerBoard=1 CoresPerSocket={self.cpus} \
+ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def _daemon(self, cmd: list[str], pidfile: Path, timeout: float = 15) -> None:
+        """Start a daemon that forks into the background and wait for its pid file."""
+        self._pidfiles.append(pidfile)
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.returncode != 0:
+                break
+            pid = self._pid(pidfile)
+            if pid and _alive(pid):
+                return
+            time.sleep(0.1)
+        raise ClusterError(f"{cmd[0]} did not start (rc {proc.returncode}): {proc.stderr.strip()}\n"
+                           + self.logs())
+
+    @staticmethod
+    def _pid(pidfile: Path) -> int | None:
+        try:
+            return int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> None:
+        """Cancel all jobs and end the daemons (slurmd, slurmctld, munged); never raises."""
+        if self.conf.exists():
+            self._run(["scancel", "--full", "--user", "root"], check=False, timeout=10)
+        for pidfile in reversed(self._pidfiles):
+            pid = self._pid(pidfile)
+            if pid is None:
+                continue
+            for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + wait
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if not _alive(pid):
+                    break
+        self._pidfiles.clear()
+
+    # ------------------------------------------------------------------ jobs
+    def _run(self, cmd: list[str], check: bool = True, timeout: float = 30, cwd=None) -> str:
+        try:
+            proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            if check:
+                raise ClusterError(f"{' '.join(cmd)}: {e}") from e
+            return ""
+        if check and proc.returncode != 0:
+            raise ClusterError(f"{' '.join(cmd)} failed (rc {proc.returncode}): {proc.stderr.strip()}")
+        return proc.stdout
+
+    def command(self, *args: str, timeout: float = 30) -> str:
+        """Run a SLURM client command (scontrol, scancel, ...) against this cluster."""
+        return self._run(list(args), timeout=timeout)
+
+    def sbatch(self, *args: str, cwd=None) -> int:
+        out = self._run(["sbatch", "--parsable", *args], cwd=cwd)
+        return int(out.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """The job's fields from ``scontrol show job`` (kept MinJobAge = 300 s after it ends)."""
+        out = self._run(["scontrol", "show", "job", "-o", str(job_id)], check=False, timeout=10)
+        return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+    def wait(self, job_id: int, timeout: float, states=FINAL_STATES) -> dict[str, str]:
+        """Poll every 0.2 s until the job is in one of ``states``; its fields then."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in states:
+                return info
+            time.sleep(0.2)
+        raise ClusterError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s "
+                           f"(state {info.get('JobState')!r})\n" + self.logs())
+
+    def logs(self, tail: int = 30) -> str:
+        parts = []
+        for name in ("log/slurmctld.log", "log/slurmd.log", "munge/munged.log"):
+            p = self.root / name
+            if p.exists():
+                lines = p.read_text(errors="replace").splitlines()[-tail:]
+                parts.append(f"--- {name}\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    reason = unavailable_reason()
+    if reason:
+        sys.exit(f"no cluster: {reason}")
+    with LocalSlurm(sys.argv[1] if len(sys.argv) > 1 else "/tmp/neo-slurm") as c:
+        print(f"cluster up; in another shell:  export SLURM_CONF={c.conf}   (Ctrl-C stops it)", flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,90 @@
+"""Training through the real launchers: one process, and data parallelism proven equal to it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import run_training
+
+STEPS = 10
+COMMON = (f"schedule.iterations={STEPS}", "schedule.warmup=2", "optimizer.lr=3e-3", "eval.interval=5",
+          "eval.iters=2", "logging.interval=5", "checkpoint.save_interval=0")
+
+
+def rel_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) and a, (a, b)
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def reference(sample_tokens, tmp_path_factory):
+    """One process, global batch 8 as 4 x 2 accumulation: the curve every parallel form must reproduce."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    return run_training(run_dir, f"data.train_paths=[{sample_tokens}]", *COMMON, "batch.micro_batch_size=4",
+                        "batch.grad_accum=2")
+
+
+def test_single_process_trains_and_reports(reference):
+    losses = reference.losses
+    assert len(losses) == STEPS and losses[-1] < losses[0] - 0.3
+    assert len(reference.valid_losses) == 2
+    out = reference.output
+    assert "tok/s" in out and "mem " in out and "TFLOP/s" in out and "validation loss" in out
+    assert "global_batch_size 8 = micro_batch_size 4 x grad_accum 2 x data-parallel 1" in out
+    saved = yaml.safe_load((reference.dir / "config.yml").read_text())
+    assert saved["batch"]["global_batch_size"] == 8
+    ckpt = reference.dir / "checkpoints" / f"iter_{STEPS:08d}"
+    meta = json.loads((ckpt / "neo.json").read_text())
+    assert meta["iteration"] == STEPS and meta["consumed_samples"] == 8 * STEPS
+    assert (reference.dir / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    record = next(r for r in reference.records if "tokens_per_s" in r)
+    assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
+
+
+def test_resume_continues_the_same_curve(reference, sample_tokens, tmp_path):
+    """Stop at step 5, start again with the same command: steps 6-10 equal the uninterrupted run, bitwise."""
+    args = (f"data.train_paths=[{sample_tokens}]", *COMMON, "batch.micro_batch_size=4", "batch.grad_accum=2")
+    first = run_training(tmp_path, *args, "schedule.exit_interval=5")
+    assert first.losses == reference.losses[:5] and "exit_interval reached" in first.output
+    resumed = run_training(tmp_path, *args)
+    assert "loaded" in resumed.output and "iteration 5" in resumed.output
+    assert resumed.losses[5:] == reference.losses[5:]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("zero, micro, accum", [
+    (0, 4, 1), (1, 4, 1), (2, 4, 1), (3, 4, 1),  # each ZeRO stage, no accumulation
+    (0, 2, 2), (1, 1, 4), (2, 2, 2),  # micro-batch x accumulation splits of the same 4 samples per rank
+])
+def test_data_parallel_equals_single_process(reference, sample_tokens, tmp_path, zero, micro, accum):
+    """Two processes (gloo), the same global batch of 8: the same loss curve as one process (fp32).
+
+    Tolerance: 1e-4 relative (the issue's bar); observed differences are ~1e-6, from the order of float
+    additions in the gradient all-reduce."""
+    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON, f"zero.stage={zero}",
+                       f"batch.micro_batch_size={micro}", f"batch.grad_accum={accum}", nproc=2)
+    assert f"data-parallel 2" in run.output
+    assert rel_diff(run.losses, reference.losses) <= 1e-4
+    assert rel_diff(run.valid_losses, reference.valid_losses) <= 1e-4
+
+
+@pytest.mark.multiproc
+def test_bf16_zero2_trains_close_to_fp32(reference, sample_tokens, tmp_path):
+    """bf16 (8-bit mantissa) follows the fp32 curve loosely: within 2% over 10 steps of a tiny model."""
+    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON, "zero.stage=2",
+                       "precision.dtype=bf16", "batch.micro_batch_size=4", "batch.grad_accum=1", nproc=2)
+    assert rel_diff(run.losses, reference.losses) <= 0.02
+    assert run.losses[-1] < run.losses[0] - 0.3
+
+
+def test_fp16_on_cpu_is_one_clear_message(sample_tokens, tmp_path):
+    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", "precision.dtype=fp16", check=False)
+    assert run.returncode == 2
+    assert "fp16 needs a GPU" in run.output and "bf16" in run.output and "Traceback" not in run.output
+
+
+def test_missing_data_is_one_clear_message(tmp_path):
+    run = run_training(tmp_path, f"data.train_paths=[{tmp_path}/nothing]", check=False)
+    assert run.returncode == 2 and "nothing" in run.output and "Traceback" not in run.output

@@ -90,7 +90,8 @@ class LocalSlurm:
         # Jobs ask for 2 tasks; config_overrides lets the node offer more CPUs than the machine has.
         self.cpus = cpus or max(2, os.cpu_count() or 1)
         self.conf = self.root / "etc" / "slurm.conf"
-        self.munge_socket = self.root / "munge" / "munge.socket"
+        # munged wants its key in a private folder but its socket in one everybody may enter.
+        self.munge_socket = self.root / "munge-socket" / "munge.socket"
         path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
         # Client commands and jobs (sbatch exports the submitter's environment) find the cluster here.
         self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=path)
@@ -109,7 +110,7 @@ class LocalSlurm:
         self.stop()
 
     def start(self, timeout: float = 30) -> None:
-        for sub in ("etc", "state", "spool", "log", "run", "munge"):
+        for sub in ("etc", "state", "spool", "log", "run", "munge", "munge-socket"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
         self._write_conf()
@@ -128,6 +129,7 @@ class LocalSlurm:
     def _start_munge(self) -> None:
         m = self.root / "munge"
         m.chmod(0o700)  # munged refuses keys in group- or world-accessible folders
+        self.munge_socket.parent.chmod(0o755)
         key = m / "munge.key"
         if not key.exists():
             subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True,
@@ -139,6 +141,8 @@ class LocalSlurm:
 
     def _write_conf(self) -> None:
         r, node = self.root, self.node
+        # cred_expire: a requeued job may start again only cred_expire + 1 s later (default 120 s).
+        # sched_interval=1 and batch_sched_delay=0: start jobs at once, not on the next 60 s pass.
         self.conf.write_text(f"""\
 ClusterName=neotest
 SlurmctldHost={node}(127.0.0.1)
@@ -149,7 +153,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=5
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

@@ -145,10 +145,12 @@ def test_resume_equals_uninterrupted_run(corpus, tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(resumed, full[r][2 * k :], strict=True))
 
 
-def test_bad_batch_arithmetic_and_tiny_split(corpus, tmp_path):
+def test_bad_batch_arithmetic_tokenizer_mismatch_and_tiny_split(corpus, tmp_path):
     ds = build([corpus["a"]], tmp_path)["train"]
     with pytest.raises(ValueError, match="not a multiple"):
         next(micro_batches(ds, consumed_samples=0, global_batch_size=10, micro_batch_size=4, dp_rank=0, dp_size=1))
+    with pytest.raises(DataError, match="tokenized with 'synthetic' but the run uses 'gpt2'"):
+        build([corpus["a"]], tmp_path, tokenizer="gpt2")
     tiny = write_synthetic(tmp_path / "tiny", synthetic_docs(3, lo=1, hi=5))
     with pytest.raises(DataError, match="fewer than one sample"):
         build([tiny], tmp_path, split="1,0,0")

@@ -44,7 +44,7 @@ def test_sample_corpus_equals_tiktoken_and_is_worker_independent(tmp_path):
     assert read_docs(tmp_path / "w2") == expected_tokens(texts)
     assert (stats.docs, stats.tokens, sum(stats.skipped.values())) == (269, IndexedTokens(tmp_path / "w2").num_tokens, 0)
     line = log.strip().splitlines()[-1]
-    assert "[100%]" in line and "docs/s" in line and "MB/s" in line and "tokens/s" in line
+    assert "[####################] 100%" in line and "docs/s" in line and "MB/s" in line and "tokens/s" in line
     run([SAMPLE], tmp_path / "w1", workers=1)
     assert (tmp_path / "w1.bin").read_bytes()[32:] == (tmp_path / "w2.bin").read_bytes()[32:]
     r = IndexedTokens(tmp_path / "w1")

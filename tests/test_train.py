@@ -65,7 +65,7 @@ def test_data_parallel_equals_single_process(reference, sample_tokens, tmp_path,
     additions in the gradient all-reduce."""
     run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON, f"zero.stage={zero}",
                        f"batch.micro_batch_size={micro}", f"batch.grad_accum={accum}", nproc=2)
-    assert f"data-parallel 2" in run.output
+    assert "data-parallel 2" in run.output
     assert rel_diff(run.losses, reference.losses) <= 1e-4
     assert rel_diff(run.valid_losses, reference.valid_losses) <= 1e-4
 

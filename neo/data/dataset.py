@@ -182,12 +182,14 @@ def split_ranges(split: str, num_docs: int) -> dict[str, tuple[int, int]]:
 
 def build_datasets(*, train_paths: list[str], train_weights: list[float] | None, valid_paths: list[str],
                    test_paths: list[str], split: str, seq_length: int, seed: int, num_samples: dict[str, int],
-                   cache_dir: str | None = None) -> dict[str, torch.utils.data.Dataset | None]:
+                   cache_dir: str | None = None, tokenizer: str | None = None
+                   ) -> dict[str, torch.utils.data.Dataset | None]:
     """Datasets for 'train', 'valid', 'test' (None where a split has no data or no samples are asked for).
 
     Paths are prefixes (without .bin/.idx). With no valid/test paths, each train file's documents are
     split by `split`; otherwise train uses all documents of train_paths and valid/test their own paths.
     Several paths are blended: train by `train_weights` (default: by token count), valid/test by token count.
+    `tokenizer` (a Tokenizer.name), when given, must be the one the data was preprocessed with.
     """
     if not train_paths:
         raise DataError("no train data paths given")
@@ -199,6 +201,9 @@ def build_datasets(*, train_paths: list[str], train_weights: list[float] | None,
     if len(names) > 1:
         raise DataError(f"data files were made with different tokenizers ({', '.join(sorted(names))}); "
                         "preprocess them all with the same --tokenizer")
+    if tokenizer is not None and names != {tokenizer} and names | {tokenizer} != {"gpt2", "r50k_base"}:
+        raise DataError(f"the data was tokenized with {names.pop()!r} but the run uses {tokenizer!r}; "
+                        "preprocess again with --tokenizer matching data.tokenizer (or change data.tokenizer)")
     if valid_paths or test_paths:
         parts = {"train": [(p, 0, len(readers[p])) for p in train_paths],
                  "valid": [(p, 0, len(readers[p])) for p in valid_paths],

@@ -199,7 +199,8 @@ def _read_hf(src: Source, key: str, split: str, config: str | None) -> Iterator[
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the message
-        raise DataError(f"{src.path}: datasets could not load it: {type(e).__name__}: {e}") from None
+        hint = "" if path.exists() else "; a hub dataset needs the network (HF_DATASETS_OFFLINE=1 fails fast)"
+        raise DataError(f"{src.path}: datasets could not load it: {type(e).__name__}: {e}{hint}") from None
     if isinstance(ds, dict):  # a saved DatasetDict
         if split not in ds:
             raise DataError(f"{src.path}: no split {split!r} (splits: {', '.join(ds)}); choose one with --split")
@@ -244,9 +245,9 @@ def _chunks(sources: list[Source], key: str, text_mode: str, split: str, config:
 _STATE: dict = {}
 
 
-def _init_worker(tokenizer: str, key: str, parent: int | None = None) -> None:
+def _init_worker(tokenizer: str, key: str, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    if parent is not None and sys.platform == "linux":  # die with the parent, even when it is SIGKILLed
+    if sys.platform == "linux":  # die with the parent, even when it is SIGKILLed
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -311,8 +312,7 @@ def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list, Chunk]:
 def _results(chunks: Iterator[Chunk], workers: int, init: tuple) -> Iterator[tuple]:
     """Encoded chunks in input order; with workers > 1, a process pool with a bounded queue."""
     if workers <= 1:
-        _init_worker(*init)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _STATE.update(tok=load_tokenizer(init[0]), key=init[1])
         yield from map(_encode_chunk, chunks)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -352,7 +352,7 @@ class Progress:
         head, eta = "", ""
         if self.total:
             frac = min(pos / self.total, 1.0)
-            head = f"[{frac:4.0%}] "
+            head = f"[{'#' * int(20 * frac):.<20}] {frac:4.0%} | "
             if frac > 0:
                 eta = f" | ETA {time.strftime('%H:%M:%S', time.gmtime(dt * (1 - frac) / frac))}"
         return (f"{head}{s.docs:,} docs, {_si(s.bytes, 'B')}, {_si(s.tokens, 'tokens')} | "

@@ -7,6 +7,7 @@ with ``tp_group=None`` they are ordinary linears.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neo.model.args import ModelArgs
+from neo.parallel import random as tp_random
 from neo.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_slice_
 from neo.parallel.mappings import group_size, reduce_from_region
 
@@ -137,6 +139,7 @@ class Attention(nn.Module):
         if args.n_heads % tp:
             raise ValueError(f"n_heads = {args.n_heads} is not divisible by the tensor-parallel size {tp}")
         self.layer_number = layer_number
+        self.split_heads = tp > 1  # dropout on split heads draws from the per-TP-rank stream
         self.local_heads = args.n_heads // tp
         self.head_dim = args.head_dim
         self.dropout = args.attention_dropout
@@ -162,6 +165,14 @@ class Attention(nn.Module):
         if ctx is not None and ctx.mask is not None:
             mask = ctx.mask
         dropout = self.dropout if self.training else 0.0
+        rng = tp_random.fork() if dropout and self.split_heads else contextlib.nullcontext()
+        with rng:
+            out = self._attend(q, k, v, mask, dropout)
+        return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+
+    @staticmethod
+    def _attend(q, k, v, mask, dropout: float) -> torch.Tensor:
+        s = q.shape[2]
         if mask is None and k.shape[2] == s:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif mask is None and s == 1:  # one new query at the end of an unpadded cache: it sees every key
@@ -169,9 +180,9 @@ class Attention(nn.Module):
         else:
             if mask is None:  # cached decoding without padding: the new queries sit at the end
                 total = k.shape[2]
-                mask = torch.ones(s, total, dtype=torch.bool, device=x.device).tril(total - s)
+                mask = torch.ones(s, total, dtype=torch.bool, device=q.device).tril(total - s)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+        return out
 
 
 class MLP(nn.Module):

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import neo
+from neo.parallel import random as tp_random
 
 TAG_RE = re.compile(r"^iter_(\d{8,})$")
 META = "neo.json"
@@ -62,9 +63,11 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def rng_state() -> dict:
+    """This rank's random streams: torch's default (CPU and CUDA) and the tensor-parallel dropout one."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    state.update({f"tp_{k}": v for k, v in tp_random.get_state().items()})
     return state
 
 
@@ -72,6 +75,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    tp = {k[3:]: v for k, v in state.items() if k.startswith("tp_")}
+    if tp:
+        tp_random.set_state(tp)
 
 
 def complete_tags(root: str) -> list[str]:

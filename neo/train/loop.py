@@ -18,6 +18,7 @@ import torch.distributed as dist
 from neo import config as neo_config
 from neo.config import Config
 from neo.model.gpt import GPT, flops_per_token, parameter_count
+from neo.parallel import random as tp_random
 from neo.parallel.topology import Topology
 from neo.train import checkpoint as ckpt
 from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb, peak_tflops
@@ -110,7 +111,8 @@ class Trainer:
         if cfg.parallel.pp > 1:
             raise neo_config.ConfigError(["parallel.pp > 1 (pipeline parallelism) is not available in this "
                                           "version of neo yet. Fix: set parallel.pp: 1."])
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout agrees across a TP group
+        tp_random.seed(cfg.seed + 2718 + self.topo.coord.tensor)  # split heads: independent per TP rank
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.args = dataclasses.replace(cfg.model, vocab_size=_resolve_vocab(cfg, self.tokenizer))
         model = GPT(self.args, tp_group=self.topo.tensor_group, seed=cfg.seed,

@@ -1,0 +1,376 @@
+"""Text generation from a neo model: greedy and sampled decoding with a KV cache and batched prompts.
+
+The loop is written for the plain (tp = 1, pp = 1) model that ``neo.train.checkpoint.load_model`` returns
+for a checkpoint of any layout. Three choices shape it:
+
+* **KV cache, preallocated.** Every layer's keys and values live in one buffer sized for the longest
+  sequence the call can produce, and each step writes one position into it, so a new token costs one
+  position of compute whatever the prefix length (a concatenated cache would copy the whole prefix per
+  step). ``use_cache=False`` recomputes the full prefix at every step; it exists as the reference the
+  cache is tested against and as the benchmark's baseline.
+* **Left padding.** Prompts of different lengths are padded on the left so that every row's next token
+  sits in the same column. Each row's positions start at 0 at its first real token and padded keys are
+  masked out, so a row's logits do not depend on what it is batched with (batched == one by one).
+* **Only real token ids are sampled.** The model's logits cover the vocabulary padded to a multiple of
+  128; ids at or above ``tokenizer.vocab_size`` are not tokens and are cut off before any sampling.
+
+Filters follow the order and the semantics of transformers' ``generate``: repetition penalty, then
+temperature, then top-k, then top-p (nucleus).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from neo.model.layers import Context, KVCache
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot be served; the message says which setting to change."""
+
+
+@dataclass
+class SamplingParams:
+    """How to choose each next token, and when to stop.
+
+    ``temperature = 0`` or ``greedy = True`` picks the most likely token. ``top_k = 0`` and ``top_p = 1``
+    disable those filters. ``seed`` makes sampling reproducible (None: a random seed, reported in
+    ``Generator.last_seed``). Generation stops at ``max_new_tokens``, at the end-of-document token when
+    ``stop_at_eod``, or when the text contains one of ``stop`` (the stop string is not returned).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_at_eod: bool = True
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+    def validate(self) -> None:
+        """Raise GenerationError naming the first out-of-range setting."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+
+
+@dataclass
+class Generation:
+    """One prompt's result. ``tokens`` are the generated ids (without the end-of-document token)."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "eod" | "stop" | "length"
+    prompt_tokens: int
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ logits filters
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty as transformers applies it: a seen token's logit is divided by ``penalty`` when
+    positive and multiplied by it when negative (so ``penalty > 1`` always makes it less likely).
+
+    logits [b, V] float; seen [b, V] bool (tokens of the prompt and of the text generated so far).
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row (and any tied with the k-th); the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to >= p.
+
+    A token is kept when the probability of the tokens ranked above it is still below ``p``, so the
+    most likely token is always kept and the kept set reaches ``p`` with its last member.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    remove_sorted = mass_before >= p
+    remove_sorted[..., 0] = False
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of each row from logits [b, V] (already cut to the real vocabulary)."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.is_greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    logits = filter_top_p(filter_top_k(logits, params.top_k), params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------- batching helpers
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [b, P] padded on the left with ``pad_id``, and valid [b, P] (True at real tokens)."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, width - len(p):] = True
+    return tokens.to(device), valid.to(device)
+
+
+def positions_of(valid: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 at each row's first real token (pads get 0: they are never attended)."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def attention_mask(valid: torch.Tensor, queries: int) -> torch.Tensor:
+    """[b, 1, queries, total] bool mask for the last ``queries`` positions of ``valid`` [b, total].
+
+    Causal, and padded keys are hidden. A padded query also sees itself: a row of the mask with no
+    True gives NaN in attention, which would reach the real tokens through the cached keys of later
+    layers (0 x NaN is NaN); attending to itself keeps the pad's (unused) values finite.
+    """
+    total = valid.shape[-1]
+    causal = torch.ones(queries, total, dtype=torch.bool, device=valid.device).tril(total - queries)
+    mask = causal & valid[:, None, None, :]
+    diag = torch.zeros(queries, total, dtype=torch.bool, device=valid.device)
+    diag[:, total - queries:] = torch.eye(queries, dtype=torch.bool, device=valid.device)
+    return mask | (diag & ~valid[:, None, None, :])
+
+
+def forward_last(model: torch.nn.Module, tokens: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Logits [b, V] of the last position only.
+
+    The output head is by far the largest matmul at small model sizes (vocab x hidden per position),
+    so a prompt of P tokens would otherwise spend P head projections to use one.
+    """
+    layers = model.layers
+    x = tokens
+    for layer in layers[:-1]:
+        x = layer(x, ctx)
+    return layers[-1](x[:, -1:], ctx)[:, -1]
+
+
+# ------------------------------------------------------------------------------------------- generator
+
+
+class _StopScanner:
+    """Finds stop strings in a row's growing text by scanning only the bytes a new token could complete."""
+
+    def __init__(self, token_bytes, stops: tuple[str, ...]):
+        self.token_bytes = token_bytes
+        self.stops = [s.encode("utf-8") for s in stops]
+        self.longest = max((len(s) for s in self.stops), default=0)
+
+    def cut(self, buf: bytearray, added: int) -> int | None:
+        """Byte offset of the earliest stop string that ends within the last ``added`` bytes, or None."""
+        if not self.stops:
+            return None
+        start = max(0, len(buf) - added - self.longest + 1)
+        hits = [i for s in self.stops if (i := buf.find(s, start)) >= 0]
+        return min(hits) if hits else None
+
+
+class Generator:
+    """Generates text with a loaded neo model and its tokenizer.
+
+    Prompt + generated tokens may not exceed the position table of a model with learned or
+    sinusoidal positions. Rotary models have no such table: they may run past their training length
+    (quality falls off there; a warning says so), up to ``max_length`` when one is given.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int | None = None,
+                 batch_size: int = 8):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.args = model.args
+        self.device = next(model.parameters()).device
+        self.vocab_size = int(tokenizer.vocab_size)
+        if self.vocab_size > self.args.vocab_size:
+            raise GenerationError(f"tokenizer has {self.vocab_size} tokens, the model only {self.args.vocab_size}")
+        self.trained_length = self.args.max_positions
+        hard = self.trained_length if self.args.position_embedding != "rotary" else None
+        if hard is not None and max_length is not None and max_length > hard:
+            raise GenerationError(f"max_length {max_length} exceeds the model's {hard} positions")
+        self.max_length = max_length or hard
+        self._warned = False
+        self.batch_size = batch_size
+        self.last_seed: int | None = None
+        self._bytes_cache: dict[int, bytes] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        **kwargs) -> Generator:
+        """Load a checkpoint folder (or a checkpoint dir: its newest) saved with any tp/pp layout."""
+        from neo.data.tokenizer import load_tokenizer
+        from neo.train.checkpoint import load_model
+
+        model, _, meta = load_model(path, device=device, dtype=dtype)
+        spec = meta.get("tokenizer_spec") or meta.get("tokenizer")
+        if not spec:
+            raise GenerationError(f"checkpoint {path} does not record its tokenizer")
+        return cls(model, load_tokenizer(spec), **kwargs)
+
+    # -- text in, text out
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's ids; an empty prompt starts from the end-of-document token (a fresh document)."""
+        ids = self.tokenizer.encode(prompt)
+        return ids if ids else [self.tokenizer.eod_id]
+
+    def generate(self, prompts: list[str] | str, params: SamplingParams | None = None, *,
+                 use_cache: bool = True) -> list[Generation]:
+        """One Generation per prompt, batched ``batch_size`` at a time (longest first, less padding)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.encode_prompt(p) for p in prompts]
+        return self.generate_ids(ids, params, use_cache=use_cache)
+
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams | None = None, *,
+                     use_cache: bool = True) -> list[Generation]:
+        params = params or SamplingParams()
+        params.validate()
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise GenerationError("a prompt has no tokens; use [eod_id] to start a fresh document")
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.last_seed = seed
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            for i, g in zip(rows, self._batch([prompts[i] for i in rows], params, generator, use_cache)):
+                results[i] = g
+        return results  # type: ignore[return-value]
+
+    # -- the decoding loop
+
+    def _token_bytes(self, t: int) -> bytes:
+        b = self._bytes_cache.get(t)
+        if b is None:
+            enc = getattr(self.tokenizer, "encoding", None)
+            b = (enc.decode_single_token_bytes(t) if enc is not None
+                 else self.tokenizer.decode([t]).encode("utf-8"))
+            self._bytes_cache[t] = b
+        return b
+
+    @torch.inference_mode()
+    def _batch(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
+               use_cache: bool) -> list[Generation]:
+        b, width = len(prompts), max(len(p) for p in prompts)
+        new = params.max_new_tokens
+        if self.max_length is not None and width + new > self.max_length:
+            raise GenerationError(f"prompt of {width} tokens + max_new_tokens {new} exceeds the model's length "
+                                  f"{self.max_length}; shorten the prompt or lower max_new_tokens")
+        if width + new > self.trained_length and not self._warned:
+            self._warned = True
+            print(f"neo: warning: prompt + max_new_tokens = {width + new} positions, the model was trained on "
+                  f"{self.trained_length}; text past that length may degrade", file=sys.stderr, flush=True)
+        eod, device = self.tokenizer.eod_id, self.device
+        tokens, valid = left_pad(prompts, eod, device)
+        padded = not bool(valid.all())
+        # Room for every generated token; written column by column.
+        seq = torch.cat([tokens, torch.full((b, new), eod, dtype=torch.long, device=device)], dim=1)
+        valid = torch.cat([valid, torch.ones((b, new), dtype=torch.bool, device=device)], dim=1)
+        positions = positions_of(valid)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros((b, self.vocab_size), dtype=torch.bool, device=device)
+            seen.scatter_(1, tokens.clamp(max=self.vocab_size - 1), valid[:, :width])
+        cache = KVCache(max_length=width + new) if use_cache else None
+        scanner = _StopScanner(self._token_bytes, params.stop)
+        texts = [bytearray() for _ in range(b)]
+        out: list[list[int]] = [[] for _ in range(b)]
+        reasons: list[str | None] = [None] * b
+        cuts: list[int | None] = [None] * b
+        cur = width
+        ctx = Context(positions=positions[:, :cur], cache=cache,
+                      mask=attention_mask(valid[:, :cur], cur) if padded else None)
+        logits = forward_last(self.model, seq[:, :cur], ctx)
+        for step in range(new):
+            nxt = next_tokens(logits[:, :self.vocab_size], params, generator, seen)
+            seq[:, cur] = nxt
+            if seen is not None:
+                seen[torch.arange(b, device=device), nxt] = True
+            cur += 1
+            for i, t in enumerate(nxt.tolist()):
+                if reasons[i] is not None:
+                    continue
+                if t == eod and params.stop_at_eod:
+                    reasons[i] = "eod"
+                    continue
+                out[i].append(t)
+                piece = self._token_bytes(t)
+                texts[i] += piece
+                cut = scanner.cut(texts[i], len(piece))
+                if cut is not None:
+                    reasons[i], cuts[i] = "stop", cut
+            if all(r is not None for r in reasons) or step == new - 1:
+                break
+            if use_cache:
+                ctx = Context(positions=positions[:, cur - 1:cur], cache=cache,
+                              mask=valid[:, None, None, :cur] if padded else None)
+                logits = forward_last(self.model, seq[:, cur - 1:cur], ctx)
+            else:
+                ctx = Context(positions=positions[:, :cur], mask=attention_mask(valid[:, :cur], cur) if padded else None)
+                logits = forward_last(self.model, seq[:, :cur], ctx)
+        results = []
+        for i in range(b):
+            text = bytes(texts[i][:cuts[i]] if cuts[i] is not None else texts[i]).decode("utf-8", errors="replace")
+            results.append(Generation(text=text, tokens=out[i], finish_reason=reasons[i] or "length",
+                                      prompt_tokens=len(prompts[i])))
+        return results
+
+
+def generate_text(generator: Generator, prompts: list[str], params: SamplingParams, *,
+                  use_cache: bool = True) -> tuple[list[Generation], float]:
+    """Generate and time it; logs throughput on stderr (stdout is reserved for generated text)."""
+    t0 = time.perf_counter()
+    results = generator.generate(prompts, params, use_cache=use_cache)
+    dt = time.perf_counter() - t0
+    n = sum(len(r.tokens) for r in results)
+    print(f"neo: {n} tokens in {dt:.2f} s ({n / max(dt, 1e-9):.1f} tokens/s), seed {generator.last_seed}",
+          file=sys.stderr, flush=True)
+    return results, dt

@@ -615,7 +615,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "train_batch_size": cfg.batch.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
         "gradient_accumulation_steps": cfg.batch.grad_accum,
-        "gradient_clipping": cfg.optimizer.grad_clip,
+        # fp32 without ZeRO: neo's optimizer clips (and measures the norm), see neo/train/optim.py
+        "gradient_clipping": 0.0 if (z.stage == 0 and cfg.precision.dtype == "fp32") else cfg.optimizer.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision.dtype == "bf16"},
         "fp16": {"enabled": cfg.precision.dtype == "fp16", "loss_scale": fp.loss_scale,

@@ -1,14 +1,25 @@
 """The one place that reads the launch environment and starts the process group.
 
-Understands the deepspeed launcher and torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-SLURM's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST), and no launcher at
-all (one process). It also defuses the CPU traps DeepSpeed sets: threads per rank, the g++ build
-of a shared-memory helper at every start, and MPI discovery without a launcher.
+Who am I in the job, in order of precedence:
+
+* ``RANK`` + ``WORLD_SIZE`` (+ ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): set by torchrun, the
+  deepspeed launcher, or by hand;
+* a SLURM job step started by ``srun``: ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``,
+  the step's node list (expanded with ``scontrol show hostnames``) and a port derived from the job id;
+* nothing: one process. This includes ``python launch/train.py`` run directly in an sbatch script:
+  the batch step has ``SLURM_PROCID=0`` and ``SLURM_NTASKS`` but no ``SLURM_STEP_*`` variables.
+
+Backend: nccl with CUDA, gloo on CPU; the device is the local rank's GPU. An inconsistent
+environment (half-set variables, a rank outside the world, more ranks on a node than GPUs) is a
+``LaunchError`` whose message says what to fix. Also defused here: threads per rank on CPU, the g++
+build of a shared-memory helper at every start, MPI discovery without a launcher, and gloo's abort
+at interpreter exit.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,7 +38,8 @@ class DistEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # "torchrun", "deepspeed", "slurm" or "single"
+    launcher: str  # "torchrun", "deepspeed", "env" (RANK/WORLD_SIZE by hand), "slurm" or "single"
+    note: str = ""  # something the user should know about how the environment was read
 
 
 def _free_port() -> int:
@@ -37,46 +49,118 @@ def _free_port() -> int:
 
 
 def slurm_hostnames(nodelist: str) -> list[str]:
-    """Expand a SLURM node list (``node[01-03]``) with ``scontrol show hostnames``."""
+    """Expand a SLURM node list (``node[01-03],gpu7``) with ``scontrol show hostnames``."""
+    if not re.search(r"[\[\]]", nodelist):  # a plain comma-separated list needs no scontrol
+        return [h for h in nodelist.split(",") if h]
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
                              text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise LaunchError(f"could not expand SLURM_JOB_NODELIST={nodelist!r} with 'scontrol show hostnames': "
                           f"{e}. Fix: run inside a SLURM allocation with scontrol on PATH, or set MASTER_ADDR.") from e
-    return out.split()
+    hosts = out.split()
+    if not hosts:
+        raise LaunchError(f"'scontrol show hostnames {nodelist}' printed no host names")
+    return hosts
 
 
-def _int(environ, key: str) -> int:
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node ``node_id`` from SLURM's compressed count list, e.g. ``"4(x2),3"`` -> 4, 4, 3."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise LaunchError(f"cannot read SLURM tasks per node {tasks_per_node!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if not 0 <= node_id < len(counts):
+        raise LaunchError(f"SLURM_NODEID={node_id} but the tasks-per-node list {tasks_per_node!r} has "
+                          f"{len(counts)} node(s)")
+    return counts[node_id]
+
+
+def _int(env, key: str, default: int | None = None) -> int:
+    value = env.get(key)
+    if value in (None, ""):
+        if default is None:
+            raise LaunchError(f"environment variable {key} is not set")
+        return default
     try:
-        return int(environ[key])
+        return int(value)
     except ValueError:
-        raise LaunchError(f"environment variable {key}={environ[key]!r} is not an integer") from None
+        raise LaunchError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def slurm_port(job_id: int) -> int:
+    """A rendezvous port from the job id, so that two jobs sharing a node do not pick the same one."""
+    return 20000 + job_id % 20000
+
+
+def _from_launcher(env) -> DistEnv:
+    """torchrun, the deepspeed launcher, or RANK/WORLD_SIZE set by hand."""
+    if "TORCHELASTIC_RUN_ID" in env:
+        launcher = "torchrun"
+    elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
+        launcher = "deepspeed"
+    else:
+        launcher = "env"
+    world = _int(env, "WORLD_SIZE")
+    local_rank = _int(env, "LOCAL_RANK", 0)
+    local_world = _int(env, "LOCAL_WORLD_SIZE", 0) or _int(env, "LOCAL_SIZE", 0) or world
+    addr = env.get("MASTER_ADDR") or ""
+    if not addr:
+        if local_world < world:
+            raise LaunchError(f"WORLD_SIZE={world} spans several nodes ({local_world} processes here) but "
+                              "MASTER_ADDR is not set. Fix: set MASTER_ADDR to the host of rank 0.")
+        addr = "127.0.0.1"
+    port = _int(env, "MASTER_PORT", 29500)
+    if not 0 <= local_rank < local_world:
+        raise LaunchError(f"LOCAL_RANK={local_rank} is outside the {local_world} process(es) on this node "
+                          f"({launcher})")
+    return DistEnv(_int(env, "RANK"), world, local_rank, local_world, addr, port, launcher)
+
+
+def _from_slurm_step(env) -> DistEnv:
+    """A task of an ``srun`` job step."""
+    world = _int(env, "SLURM_STEP_NUM_TASKS")
+    node_id = _int(env, "SLURM_NODEID", 0)
+    tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(world)
+    local_world = tasks_on_node(tasks_per_node, node_id)
+    local_rank = _int(env, "SLURM_LOCALID", 0)
+    if not 0 <= local_rank < local_world:
+        raise LaunchError(f"SLURM_LOCALID={local_rank} is outside the {local_world} task(s) on this node")
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        # rank 0 runs on the first node of the step (SLURM numbers tasks in node order)
+        addr = slurm_hostnames(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost")[0]
+    port = _int(env, "MASTER_PORT", 0) or slurm_port(_int(env, "SLURM_JOB_ID", 0))
+    return DistEnv(_int(env, "SLURM_PROCID"), world, local_rank, local_world, addr, port, "slurm")
 
 
 def read_env(environ=None) -> DistEnv:
     """Who am I in the job? From the launcher's variables; one process when there are none."""
     env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
-        world = _int(env, "WORLD_SIZE")
-        local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
-        result = DistEnv(_int(env, "RANK"), world, int(env.get("LOCAL_RANK", 0)), local_world,
-                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), launcher)
+    has_rank, has_world = "RANK" in env, "WORLD_SIZE" in env
+    if has_rank != has_world:
+        given, missing = ("RANK", "WORLD_SIZE") if has_rank else ("WORLD_SIZE", "RANK")
+        raise LaunchError(f"{given} is set but {missing} is not: the launch environment is half-defined. "
+                          "Fix: start with torchrun, deepspeed or srun, or unset RANK and WORLD_SIZE.")
+    if has_rank:
+        result = _from_launcher(env)
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
-        world = _int(env, "SLURM_STEP_NUM_TASKS")
-        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-        addr = env.get("MASTER_ADDR")
-        if not addr:
-            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
-            addr = slurm_hostnames(nodelist)[0] if nodes > 1 or "[" in nodelist else nodelist.split(",")[0]
-        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        result = DistEnv(_int(env, "SLURM_PROCID"), world, int(env.get("SLURM_LOCALID", 0)),
-                         max(1, world // nodes), addr, port, "slurm")
+        result = _from_slurm_step(env)
     else:
         result = DistEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+        ntasks = env.get("SLURM_NTASKS")
+        if ntasks and ntasks != "1" and "SLURM_JOB_ID" in env:
+            result.note = (f"running one process inside SLURM job {env['SLURM_JOB_ID']} of {ntasks} tasks: "
+                           "start the script with srun (see slurm/train.sbatch) to use them all")
+    if result.world_size < 1:
+        raise LaunchError(f"world size {result.world_size} ({result.launcher}) must be at least 1")
     if not 0 <= result.rank < result.world_size:
         raise LaunchError(f"rank {result.rank} is outside world size {result.world_size} ({result.launcher})")
+    if result.local_world_size > result.world_size:
+        raise LaunchError(f"{result.local_world_size} processes on this node but world size "
+                          f"{result.world_size} ({result.launcher})")
     return result
 
 
@@ -98,12 +182,15 @@ def set_threads(env: DistEnv) -> int:
     """Split the CPU cores between local ranks unless OMP_NUM_THREADS says otherwise.
 
     The deepspeed launcher leaves OMP_NUM_THREADS unset; two ranks on two cores each running two
-    threads train ~30x slower than with one thread each.
+    threads train ~30x slower than with one thread each. Under srun, ``--cpus-per-task`` is the
+    share SLURM gave each rank.
     """
     import torch
 
     if os.environ.get("OMP_NUM_THREADS"):
         threads = int(os.environ["OMP_NUM_THREADS"])
+    elif env.launcher == "slurm" and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        threads = int(os.environ["SLURM_CPUS_PER_TASK"])
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         threads = max(1, cores // env.local_world_size)
@@ -121,17 +208,23 @@ def _skip_shm_build() -> None:
 
 
 def device_for(env: DistEnv):
+    """This rank's device: GPU ``local_rank`` with CUDA (made current), else the CPU."""
     import torch
 
     if not torch.cuda.is_available():
         return torch.device("cpu")
     n = torch.cuda.device_count()
-    if env.local_rank >= n:
-        raise LaunchError(f"local rank {env.local_rank} has no GPU: this node shows {n} GPU(s) but runs "
-                          f"{env.local_world_size} ranks. Fix: launch at most {n} processes per node "
-                          "(--num_gpus / --nproc_per_node / --ntasks-per-node).")
+    if env.local_world_size > n or env.local_rank >= n:
+        raise LaunchError(f"{env.local_world_size} ranks on this node but it shows {n} GPU(s) "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Fix: launch "
+                          f"at most {n} processes per node (--num_gpus / --nproc_per_node / --ntasks-per-node), "
+                          "and let every task see all of the node's GPUs.")
     torch.cuda.set_device(env.local_rank)
     return torch.device("cuda", env.local_rank)
+
+
+def backend() -> str:
+    return "nccl" if _has_cuda() else "gloo"
 
 
 def init(timeout_minutes: int = 30) -> DistEnv:
@@ -142,29 +235,37 @@ def init(timeout_minutes: int = 30) -> DistEnv:
     # DeepSpeed's ZeRO calls torch collectives under names torch has deprecated: one warning per call site.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     env = read_env()
+    if env.note and env.rank == 0:
+        print(f"neo: note: {env.note}", file=sys.stderr, flush=True)
     export(env)
     set_threads(env)
+    device_for(env)
     import deepspeed
 
     _skip_shm_build()
-    backend = "nccl" if _has_cuda() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes),
                                rank=env.rank, world_size=env.world_size)
     return env
+
+
+# Exit codes after which every rank reaches shutdown() together: finished, or saved for a requeue.
+_AGREED_EXITS = (0, 75)
 
 
 def shutdown(code: int) -> None:
     """End the process without Python's normal teardown.
 
     gloo's worker threads can abort the interpreter at exit (SIGABRT after all work is done), so
-    neo synchronises, destroys the process group, flushes, and leaves with ``os._exit``.
+    neo synchronises, destroys the process group, flushes, and leaves with ``os._exit``. The
+    barrier also matters for exit 75: launchers (srun --kill-on-bad-exit, torchrun, deepspeed) kill
+    the other ranks as soon as one exits non-zero, and rank 0 must have written its records first.
     """
     import torch.distributed as dist
 
     try:
         if dist.is_available() and dist.is_initialized():
-            if code == 0:
+            if code in _AGREED_EXITS:
                 dist.barrier()
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - exiting anyway; the exit code carries the outcome

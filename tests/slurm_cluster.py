@@ -93,8 +93,10 @@ class LocalSlurm:
         # munged wants its key in a private folder but its socket in one everybody may enter.
         self.munge_socket = self.root / "munge-socket" / "munge.socket"
         path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-        # Client commands and jobs (sbatch exports the submitter's environment) find the cluster here.
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=path)
+        # Client commands and jobs (sbatch exports the submitter's environment) find the cluster here;
+        # variables of an enclosing SLURM job would confuse both.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        self.env.update(SLURM_CONF=str(self.conf), PATH=path)
         self._pidfiles: list[Path] = []
 
     # ------------------------------------------------------------------ start / stop
@@ -234,9 +236,20 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
         """Run a SLURM client command (scontrol, scancel, ...) against this cluster."""
         return self._run(list(args), timeout=timeout)
 
-    def sbatch(self, *args: str, cwd=None) -> int:
-        out = self._run(["sbatch", "--parsable", *args], cwd=cwd)
-        return int(out.strip().split(";")[0])
+    def sbatch(self, *args: str, cwd=None, env: dict[str, str] | None = None) -> int:
+        """Submit a job; it runs with ``env`` (default: this process's), pointed at this cluster."""
+        job_env = dict(self.env)
+        if env is not None:
+            job_env = dict(env, SLURM_CONF=str(self.conf),
+                           PATH=os.pathsep.join([env.get("PATH", ""), "/usr/sbin", "/sbin"]))
+        try:
+            proc = subprocess.run(["sbatch", "--parsable", *args], env=job_env, cwd=cwd, capture_output=True,
+                                  text=True, timeout=30)
+        except subprocess.TimeoutExpired as e:
+            raise ClusterError(f"sbatch {' '.join(args)}: {e}") from e
+        if proc.returncode != 0:
+            raise ClusterError(f"sbatch {' '.join(args)} failed (rc {proc.returncode}): {proc.stderr.strip()}")
+        return int(proc.stdout.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:
         """The job's fields from ``scontrol show job`` (kept MinJobAge = 300 s after it ends)."""

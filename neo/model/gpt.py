@@ -194,3 +194,33 @@ def flops_per_token(args: ModelArgs, seq_length: int | None = None) -> float:
     matmul_params = counts["blocks"] + (args.vocab_size * args.hidden_size)
     s = seq_length or args.seq_length
     return 6.0 * matmul_params + 12.0 * args.n_layers * args.hidden_size * s
+
+
+def pipeline_module(args: ModelArgs, topo, *, seed: int = 1234, partition_method: str = "parameters",
+                    checkpoint_interval: int = 0):
+    """The pipeline (pp > 1) form: the same layer specs as DeepSpeed ``LayerSpec``s in a ``PipelineModule``.
+
+    Each stage builds only its layers; each layer is initialised from its own (seed, index) generator,
+    so the weights equal the plain model's. The tied head becomes a ``TiedLayerSpec`` that shares the
+    embedding's weight across the first and last stages.
+    """
+    from functools import partial
+
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    specs = []
+    for spec in layer_specs(args, topo.tensor_group):
+        if spec.tie_key is not None:
+            specs.append(TiedLayerSpec(spec.tie_key, spec.cls, forward_fn=spec.forward_fn,
+                                       tied_weight_attr=["word_embeddings.weight"], **spec.kwargs))
+        else:
+            specs.append(LayerSpec(spec.cls, **spec.kwargs))
+    module = PipelineModule(layers=specs, topology=topo.deepspeed_topology(),
+                            loss_fn=partial(loss_fn, tp_group=topo.tensor_group), partition_method=partition_method,
+                            activation_checkpoint_interval=checkpoint_interval, checkpointable_layers=["Block"])
+    for name, child in module.named_children():
+        if name.isdigit():
+            init_layer(child, seed, int(name))
+    for child in module.tied_modules.values():
+        init_layer(child, seed, 0)
+    return module

@@ -260,8 +260,10 @@ def load_full_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     verify(path, meta)
     layout = meta.get("layout", {})
     tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
-    shards: dict[str, list[torch.Tensor]] = {}
+    splits = meta.get("tp_split", {})
+    state: dict[str, torch.Tensor] = {}
     for p in range(pp):
+        parts: dict[str, list[torch.Tensor]] = {}
         for t in range(tp):
             file = os.path.join(path, "weights", f"tp{t:02d}-pp{p:02d}.safetensors")
             if not os.path.isfile(file):
@@ -270,14 +272,14 @@ def load_full_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
             try:
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
-                        shards.setdefault(name, []).append(f.get_tensor(name))
+                        parts.setdefault(name, []).append(f.get_tensor(name))
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
                 raise CheckpointError(f"{file} is unreadable ({e}); the checkpoint is corrupt.") from None
-    splits = meta.get("tp_split", {})
-    state = {}
-    for name, parts in shards.items():
-        dim = splits.get(name)
-        state[name] = torch.cat(parts, dim=dim) if dim is not None and len(parts) > 1 else parts[0]
+        for name, shards in parts.items():
+            if name in state:  # a tied weight held by the first and the last stage: the same values
+                continue
+            dim = splits.get(name)
+            state[name] = torch.cat(shards, dim=dim) if dim is not None and len(shards) > 1 else shards[0]
     return state, meta
 
 

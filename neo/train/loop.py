@@ -17,11 +17,12 @@ import torch.distributed as dist
 
 from neo import config as neo_config
 from neo.config import Config
-from neo.model.gpt import GPT, flops_per_token, parameter_count
+from neo.model.gpt import GPT, flops_per_token, parameter_count, pipeline_module
 from neo.parallel import random as tp_random
 from neo.parallel.topology import Topology
 from neo.train import checkpoint as ckpt
 from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb, peak_tflops
+from neo.train.optim import ClippingAdamW, neo_clips, param_groups
 from neo.train.schedule import LRSchedule, schedule_from_config
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved, stopped early, run me again"; slurm/train.sbatch requeues on it
@@ -50,27 +51,6 @@ class StopFlag:
         return bool(flag.item())
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linears, embeddings) only; never on biases or norm gains."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _grad_norm(model: torch.nn.Module, topo: Topology) -> float:
-    """Global gradient 2-norm where DeepSpeed does not report one (ZeRO-0 fp32): TP-replicated
-    parameters are counted once per TP group."""
-    total = torch.zeros(1, dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is not None and (getattr(p, "model_parallel", False) or topo.coord.tensor == 0):
-            total += p.grad.detach().double().pow(2).sum().cpu()
-    if topo.tp > 1:
-        dist.all_reduce(total, group=topo.tp_group)
-    return math.sqrt(total.item())
-
-
 def _mean_over_dp(value: torch.Tensor, topo: Topology) -> float:
     if topo.dp > 1:
         value = value.clone()
@@ -93,7 +73,7 @@ def _resolve_vocab(cfg: Config, tokenizer) -> int:
 
 
 class Trainer:
-    """Owns the engine, the data iterators and the bookkeeping of one run (pp = 1 form)."""
+    """Owns the engine, the data iterators and the bookkeeping of one run (plain or pipeline form)."""
 
     def __init__(self, cfg: Config, env):
         import deepspeed
@@ -108,22 +88,33 @@ class Trainer:
             raise neo_config.ConfigError([
                 "precision.dtype = fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16 ('Type fp16 is not "
                 "supported on your device'). Fix: use precision.dtype: bf16 (or fp32) on CPU."])
-        if cfg.parallel.pp > 1:
-            raise neo_config.ConfigError(["parallel.pp > 1 (pipeline parallelism) is not available in this "
-                                          "version of neo yet. Fix: set parallel.pp: 1."])
         torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout agrees across a TP group
         tp_random.seed(cfg.seed + 2718 + self.topo.coord.tensor)  # split heads: independent per TP rank
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.args = dataclasses.replace(cfg.model, vocab_size=_resolve_vocab(cfg, self.tokenizer))
-        model = GPT(self.args, tp_group=self.topo.tensor_group, seed=cfg.seed,
-                    checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
-                                      betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
+        self.pipeline = cfg.parallel.pp > 1
+        if self.pipeline:
+            model = pipeline_module(self.args, self.topo, seed=cfg.seed,
+                                    partition_method=cfg.parallel.partition_method,
+                                    checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
+            tied = {id(p) for p in model.tied_modules.parameters()} if self.topo.coord.pipe > 0 else set()
+        else:
+            model = GPT(self.args, tp_group=self.topo.tensor_group, seed=cfg.seed,
+                        checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
+            tied = set()
+        groups = param_groups(model, cfg.optimizer.weight_decay)
+        adam = dict(lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
+        if neo_clips(cfg.zero.stage, cfg.precision.dtype):
+            optimizer = ClippingAdamW(groups, topo=self.topo, max_norm=cfg.optimizer.grad_clip, skip=tied, **adam)
+        else:
+            optimizer = torch.optim.AdamW(groups, **adam)
         lr_fn = schedule_from_config(cfg.schedule, cfg.optimizer)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lambda opt: LRSchedule(opt, lr_fn),
-            config=neo_config.deepspeed_config(cfg), mpu=self.topo if self.topo.tp > 1 else None,
-            dist_init_required=False)
+            config=neo_config.deepspeed_config(cfg),
+            mpu=self.topo if (self.topo.tp > 1 and not self.pipeline) else None, dist_init_required=False)
+        self._neo_optimizer = optimizer
+        self.partitioning = self._describe_partitioning(model) if self.pipeline else None
         self.iteration, self.consumed = 0, 0
         self._maybe_load()
 
@@ -177,26 +168,51 @@ class Trainer:
                              micro_batch_size=self.cfg.batch.micro_batch_size,
                              dp_rank=self.topo.coord.data, dp_size=self.topo.dp)
 
-    def train_step(self, batches) -> torch.Tensor:
+    def _describe_partitioning(self, module) -> str:
+        """Which layers each pipeline stage holds and its parameter count (on tensor rank 0)."""
+        names = [spec.typename.__name__ for spec in module._layer_specs]
+        local = sum(p.numel() for p in module.parameters())
+        counts: list = [None] * self.topo.world_size
+        dist.all_gather_object(counts, local)
+        lines = []
+        for stage in range(self.topo.pp):
+            lo, hi = module.parts[stage], module.parts[stage + 1]
+            kinds = ", ".join(f"{i}:{names[i]}" for i in range(lo, hi))
+            n = counts[self.topo.rank_of(stage, 0, 0)]
+            lines.append(f"  stage {stage}: layers [{lo}, {hi}) {kinds}; {n:,} parameters per TP rank")
+        return "\n".join(lines)
+
+    def _grad_norm(self) -> float | None:
+        if isinstance(self._neo_optimizer, ClippingAdamW):
+            return self._neo_optimizer.grad_norm
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def train_step(self, batches) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss over the global batch."""
+        if self.pipeline:  # DeepSpeed runs the micro-batches through the stages and averages over DP
+            return float(self.engine.train_batch(data_iter=_inputs_and_labels(batches, self.device)))
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.batch.grad_accum):
             batch = next(batches).to(self.device, non_blocking=True)
             loss = self.engine(batch[:, :-1], batch[:, 1:])
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary():
-                self._boundary_grad_norm = (_grad_norm(self.engine.module, self.topo)
-                                            if self._needs_own_grad_norm else None)
             self.engine.step()
             total += loss.detach().float()
-        return total / self.cfg.batch.grad_accum
+        return _mean_over_dp(total / self.cfg.batch.grad_accum, self.topo)
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float | None:
         if self.datasets.get(split) is None or self.cfg.eval.iters == 0:
             return None
-        self.engine.eval()
         batches = self._batches(split, 0)
         total = torch.zeros((), device=self.device)
+        if self.pipeline:
+            data = _inputs_and_labels(batches, self.device)
+            for _ in range(self.cfg.eval.iters):
+                total += self.engine.eval_batch(data_iter=data).float().to(self.device).reshape(())
+            return _mean_over_dp(total / self.cfg.eval.iters, self.topo)
+        self.engine.eval()
         n = self.cfg.eval.iters * self.cfg.batch.grad_accum
         for _ in range(n):
             batch = next(batches).to(self.device)
@@ -207,8 +223,6 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         cfg, stop = self.cfg, StopFlag()
-        self._needs_own_grad_norm = cfg.zero.stage == 0 and cfg.precision.dtype == "fp32"
-        self._boundary_grad_norm = None
         counts = parameter_count(self.args)
         g, seq = cfg.batch.global_batch_size, cfg.model.seq_length
         meter = Throughput(g * seq, flops_per_token(self.args), self.env.world_size,
@@ -218,6 +232,8 @@ class Trainer:
             f"vocab {self.args.vocab_size}); {flops_per_token(self.args) / 1e6:.1f} MFLOP/token; "
             f"{self.topo.describe()}")
         log(f"neo: {neo_config.batch_arithmetic(cfg)}")
+        if self.partitioning:
+            log(f"neo: pipeline partitioning ({cfg.parallel.partition_method}):\n{self.partitioning}")
         if self.iteration >= cfg.schedule.iterations:
             log(f"neo: nothing to do: the checkpoint is at iteration {self.iteration} of {cfg.schedule.iterations}. "
                 "Raise schedule.iterations to train further.")
@@ -230,12 +246,8 @@ class Trainer:
             self.iteration += 1
             self.consumed += g
             meter.step()
-            loss_value = _mean_over_dp(loss, self.topo)
-            grad_norm = self.engine.get_global_grad_norm()
-            if grad_norm is None:
-                grad_norm = self._boundary_grad_norm
-            record = {"step": self.iteration, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
+            record = {"step": self.iteration, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": self._grad_norm(),
                       "samples": self.consumed}
             if cfg.precision.dtype == "fp16":
                 record["loss_scale"] = float(self.engine.optimizer.cur_scale)
@@ -289,6 +301,13 @@ class Trainer:
         parts.append(f"{r['tflops_per_device']:.2f} TFLOP/s" + (f" ({r['mfu']:.1%} MFU)" if "mfu" in r else ""))
         parts += [f"mem {r['memory_gb']:.2f} GB", f"eta {format_duration(eta)}"]
         return " | ".join(parts)
+
+
+def _inputs_and_labels(batches, device):
+    """Micro-batches as the pipeline engine wants them: (tokens, next tokens)."""
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        yield batch[:, :-1], batch[:, 1:]
 
 
 def train(cfg: Config) -> int:

@@ -27,32 +27,37 @@ DEFAULT_MODEL = ["model.n_layers=6", "model.hidden_size=384", "model.n_heads=6",
                  "model.vocab_size=12288"]
 
 
-def build_engine(cfg, env):
-    """neo's model, optimizer, LR schedule and DeepSpeed engine exactly as ``Trainer.__init__`` builds them.
+def build_trainer(cfg, env):
+    """A real ``neo.train.loop.Trainer`` for a config, fed by the caller with random tokens.
 
-    Trainer's constructor also loads a tokenizer and builds datasets from token files, which benchmarks
-    on random tokens have no use for (and a 12k vocabulary has no tokenizer), so the engine is built
-    here with the same calls. Returns (engine, scheduler, topology).
+    The benchmarks measure what training runs, so the model, optimizer, LR schedule and DeepSpeed engine
+    come from Trainer itself (whatever it builds today). Its constructor also loads a tokenizer and
+    builds datasets from token files, which benchmarks on random tokens have no use for (and a 12k
+    vocabulary has no tokenizer); those two loaders are stubbed while it runs. ``cfg.model.vocab_size``
+    must be set. Returns the Trainer; ``trainer.engine`` is the engine, ``trainer.train_step(batches)``
+    the step, with ``batches`` an iterator of [micro_batch, seq + 1] token tensors.
     """
-    import deepspeed
-    import torch
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+    from unittest import mock
 
-    from neo import config as neo_config
-    from neo.model.gpt import GPT
-    from neo.parallel.topology import Topology
-    from neo.train.loop import _param_groups
-    from neo.train.schedule import LRSchedule, schedule_from_config
+    import neo.data.dataset as dataset_module
+    import neo.data.tokenizer as tokenizer_module
+    from neo.train import loop
 
-    topo = Topology(env.world_size, cfg.parallel.tp, cfg.parallel.pp, env.rank)
-    model = GPT(cfg.model, tp_group=topo.tensor_group, seed=cfg.seed,
-                checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
-                                  betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
-    lr_fn = schedule_from_config(cfg.schedule, cfg.optimizer)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lambda opt: LRSchedule(opt, lr_fn),
-        config=neo_config.deepspeed_config(cfg), mpu=topo if topo.tp > 1 else None, dist_init_required=False)
-    return engine, scheduler, topo
+    tokenizer = SimpleNamespace(vocab_size=cfg.model.vocab_size, name=f"random-{cfg.model.vocab_size}")
+    with ExitStack() as stack:
+        for module in (tokenizer_module, loop):
+            if hasattr(module, "load_tokenizer"):
+                stack.enter_context(mock.patch.object(module, "load_tokenizer", lambda *a, **k: tokenizer))
+        for module in (dataset_module, loop):
+            if hasattr(module, "build_datasets"):
+                stack.enter_context(mock.patch.object(module, "build_datasets", lambda *a, **k: {}))
+        return loop.Trainer(cfg, env)
+
+
+# The neo config keys every bench sets besides the model: no checkpoint is looked for or loaded.
+BENCH_SETTINGS = ["checkpoint.resume=false", "batch.grad_accum=1"]
 
 
 def command_line() -> str:

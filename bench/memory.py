@@ -3,9 +3,9 @@
     python bench/memory.py                           # tp1 x dp2 and tp2 x dp2, ZeRO 0-3, bf16 and fp32 (~4 min)
     python bench/memory.py --dtypes bf16 --stages 1,3 --layouts 2x2
 
-Each case is a fresh job of tp x dp local processes (torch.multiprocessing, gloo, CPU) that builds neo's
-engine as Trainer does (bench/common.py: build_engine), trains one step so the AdamW state exists, runs
-the forward and backward of a second, and then, before its optimizer step, adds up on every rank:
+Each case is a fresh job of tp x dp local processes (torch.multiprocessing, gloo, CPU) in which every
+rank builds neo's real Trainer (bench/common.py: build_trainer), trains one step so the AdamW state
+exists, runs the forward and backward of a second, and then, before its optimizer step, adds up:
 
   params      module parameters actually resident: each parameter's data, plus under ZeRO-3 its
               partition ``p.ds_tensor`` (the full data is then freed, except small "persistent" ones)
@@ -157,7 +157,8 @@ def worker(local_rank: int, case: dict, port: int, out_dir: str) -> None:
 
     env = distributed.init(timeout_minutes=case["timeout_minutes"])
     cfg = load_config(case["configs"], case["overrides"], world_size=world)
-    engine, _, topo = common.build_engine(cfg, env)
+    trainer = common.build_trainer(cfg, env)
+    engine, topo = trainer.engine, trainer.topo
     tp_local = sum(p.numel() for p in engine.module.parameters()) if cfg.zero.stage < 3 else None
     g = torch.Generator().manual_seed(env.rank // topo.tp)  # same batch within a TP group, as a dataset gives
     batch = torch.randint(0, cfg.model.vocab_size, (cfg.batch.micro_batch_size, cfg.model.seq_length + 1),
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
 
     record = common.environment()
     layouts = [tuple(int(x) for x in item.lower().split("x")) for item in args.layouts.split(",")]
-    base = [*common.DEFAULT_MODEL, f"model.seq_length={args.seq}", "batch.micro_batch_size=1", "batch.grad_accum=1"]
+    base = [*common.DEFAULT_MODEL, *common.BENCH_SETTINGS, f"model.seq_length={args.seq}", "batch.micro_batch_size=1"]
     cfg = load_config(args.config, [*base, *args.overrides], world_size=1)
     total = parameter_count(cfg.model)["total"]
     print(f"bench: {total / 1e6:.2f}M parameters; layouts {layouts}, ZeRO {args.stages}, {args.dtypes}", flush=True)
@@ -274,7 +275,7 @@ def markdown(r: dict) -> str:
         "",
         f"- model: {total / 1e6:.2f}M parameters (Psi): {m['n_layers']} layers, hidden {m['hidden_size']}, "
         f"{m['n_heads']} heads, vocab {m['vocab_size']}; micro batch 1 x seq {r['config']['seq_length']}",
-        "- each case: tp x dp local processes (gloo, CPU), engine built as Trainer builds it, one training step, "
+        "- each case: tp x dp local processes (gloo, CPU), each building neo's Trainer; one training step, "
         "then the forward and backward of a second; measured on every rank before its optimizer step",
         "- params: resident module parameters (ZeRO-3: the `ds_tensor` partition + parameters kept whole); grads: "
         "`p.grad` and ZeRO gradient partitions; master: fp32 tensors AdamW updates that are not the module's "

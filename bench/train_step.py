@@ -11,8 +11,8 @@ neo's LR schedule object:
   hf             transformers' GPTNeoXForCausalLM of the same shape (sdpa attention), plain loop;
                  the loss is neo's (fp32 cross-entropy over every position) on its logits
   neo-plain      neo's GPT in the same plain loop (no DeepSpeed)
-  neo-deepspeed  neo's GPT in the DeepSpeed engine (ZeRO-1 by default) built as neo.train.loop.Trainer
-                 builds it; the step is Trainer.train_step itself
+  neo-deepspeed  neo's real Trainer (its DeepSpeed engine, ZeRO-1 by default; only its tokenizer and
+                 dataset loaders stubbed, see bench/common.py), stepped by Trainer.train_step itself
 
 bf16 for the plain loops is done two ways (``--bf16-recipes``), because DeepSpeed's bf16 is a recipe of
 its own: ``master`` = bf16 weights, activations and gradients, with fp32 master weights and AdamW state
@@ -24,7 +24,7 @@ Timing: every variant first runs ``--warmup`` untimed steps; then ``--reps`` rou
 ``--steps`` consecutive steps of every variant, the order rotating every round (ABC, BCA, CAB...), so
 drift and other jobs on the machine hit all variants alike. Reported: median tokens/s per variant and
 ratios of medians, with the range of the per-round (paired) ratios. Each step ends with loss.item(),
-as neo's loop does when it logs. Writes bench/results/train_step-<date>.md and .json.
+as neo's train_step does. Writes bench/results/train_step-<date>.md and .json.
 """
 
 from __future__ import annotations
@@ -98,12 +98,11 @@ class PlainLoop:
     def __init__(self, model, forward, cfg, recipe: str, device, batches):
         import torch
 
-        from neo.train.loop import _param_groups
-        from neo.train.schedule import LRSchedule, schedule_from_config
+        from neo.train.schedule import schedule_from_config
 
         self.torch, self.forward, self.recipe, self.device, self.batches = torch, forward, recipe, device, batches
         self.model = model.to(device)
-        groups = _param_groups(self.model, cfg.optimizer.weight_decay)
+        groups = param_groups(self.model, cfg.optimizer.weight_decay)
         self.pairs = []
         if recipe == "master":
             self.model.to(torch.bfloat16)  # .to() keeps the Parameter objects, so the groups stay valid
@@ -116,7 +115,8 @@ class PlainLoop:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                                            eps=cfg.optimizer.eps)
-        self.scheduler = LRSchedule(self.optimizer, schedule_from_config(cfg.schedule, cfg.optimizer))
+        lr_fn, lr = schedule_from_config(cfg.schedule, cfg.optimizer), cfg.optimizer.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_fn(step) / lr)
         self.clip = cfg.optimizer.grad_clip
 
     def __call__(self):
@@ -140,6 +140,13 @@ class PlainLoop:
         return loss.detach()
 
 
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """neo's rule, restated so the baselines do not depend on neo's internals: decay matrices only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def neo_forward(model, tokens, labels):
     return model(tokens, labels)
 
@@ -150,19 +157,11 @@ def hf_forward(model, tokens, labels):
     return loss_fn(model(input_ids=tokens, use_cache=False).logits, labels)
 
 
-def deepspeed_step(cfg, env, device, batches):
-    """The engine as ``Trainer.__init__`` builds it (see ``common.build_engine``), stepped by
-    ``Trainer.train_step`` itself: a Trainer object made without its constructor (which would load a
-    tokenizer and token files) and given the attributes ``train_step`` reads."""
-    from bench.common import build_engine
-    from neo.train.loop import Trainer
+def deepspeed_step(cfg, env, batches):
+    """neo's own step: ``Trainer.train_step`` of a real Trainer (see ``common.build_trainer``)."""
+    from bench.common import build_trainer
 
-    engine, scheduler, topo = build_engine(cfg, env)
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.env, trainer.topo, trainer.device = cfg, env, topo, device
-    trainer.engine, trainer.scheduler, trainer.args = engine, scheduler, cfg.model
-    trainer._needs_own_grad_norm = cfg.zero.stage == 0 and cfg.precision.dtype == "fp32"
-    trainer._boundary_grad_norm = None
+    trainer = build_trainer(cfg, env)
     return lambda: trainer.train_step(batches)
 
 
@@ -212,7 +211,7 @@ def build_variants(args, base_cfg_for, env, device) -> list[Variant]:
         for recipe in recipes:
             variants.append(Variant("neo-plain", dtype, recipe, PlainLoop(neo_model(), neo_forward, cfg, recipe,
                                                                           device, batches())))
-        variants.append(Variant("neo-deepspeed", dtype, "deepspeed", deepspeed_step(cfg, env, device, batches())))
+        variants.append(Variant("neo-deepspeed", dtype, "deepspeed", deepspeed_step(cfg, env, batches())))
     return variants
 
 
@@ -222,7 +221,7 @@ def run_block(v: Variant, steps: int, sync) -> tuple[float, float, float]:
     sync()
     t0, c0 = time.perf_counter(), os.times()
     for _ in range(steps):
-        loss = v.step().item()
+        loss = float(v.step())  # a host sync, as neo's loop has when it logs the loss
     sync()
     c1 = os.times()
     return time.perf_counter() - t0, (c1.user - c0.user) + (c1.system - c0.system), loss
@@ -245,7 +244,8 @@ def main(argv=None) -> int:
     from neo.config import load_config, to_dict
     from neo.model.gpt import flops_per_token, parameter_count
 
-    base = [*common.DEFAULT_MODEL, f"zero.stage={args.zero}", f"batch.micro_batch_size={args.batch}", "batch.grad_accum=1"]
+    base = [*common.DEFAULT_MODEL, *common.BENCH_SETTINGS, f"zero.stage={args.zero}",
+            f"batch.micro_batch_size={args.batch}"]
 
     def cfg_for(dtype: str):
         return load_config(args.config, [*base, *args.overrides, f"precision.dtype={dtype}"], world_size=1)
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
 
     for v in variants:  # warmup, untimed; the first step's loss shows every variant starts from one function
         for i in range(args.warmup):
-            loss = v.step().item()
+            loss = float(v.step())
             if i == 0:
                 v.first_loss = loss
     for r in range(args.reps):
@@ -372,7 +372,7 @@ def markdown(r: dict) -> str:
         f"- step: batch {c['neo']['batch']['micro_batch_size']} x seq {m['seq_length']} = {c['tokens_per_step']} "
         f"tokens, no accumulation; AdamW lr {c['neo']['optimizer']['lr']}, betas {c['neo']['optimizer']['betas']}, "
         f"weight decay {c['neo']['optimizer']['weight_decay']} on matrices, clip {c['neo']['optimizer']['grad_clip']}",
-        f"- neo-deepspeed: DeepSpeed engine built as Trainer builds it, ZeRO-{c['zero_stage']}, one rank, "
+        f"- neo-deepspeed: neo's Trainer (DeepSpeed engine, ZeRO-{c['zero_stage']}, one rank), "
         "step = Trainer.train_step",
         "- bf16 recipes of the plain loops: master = bf16 weights/activations/grads + fp32 master weights and AdamW "
         "state (DeepSpeed's recipe); autocast = fp32 weights + torch.autocast(bf16)",

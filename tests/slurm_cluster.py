@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,12 +91,12 @@ class LocalSlurm:
         # Jobs ask for 2 tasks; config_overrides lets the node offer more CPUs than the machine has.
         self.cpus = cpus or max(2, os.cpu_count() or 1)
         self.conf = self.root / "etc" / "slurm.conf"
-        # munged wants its key in a private folder but its socket in one everybody may enter.
-        self.munge_socket = self.root / "munge-socket" / "munge.socket"
+        self.munge_socket: Path | None = None
         path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
         # Client commands and jobs (sbatch exports the submitter's environment) find the cluster here;
         # variables of an enclosing SLURM job would confuse both.
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        own = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
         self.env.update(SLURM_CONF=str(self.conf), PATH=path)
         self._pidfiles: list[Path] = []
 
@@ -112,7 +113,7 @@ class LocalSlurm:
         self.stop()
 
     def start(self, timeout: float = 30) -> None:
-        for sub in ("etc", "state", "spool", "log", "run", "munge", "munge-socket"):
+        for sub in ("etc", "state", "spool", "log", "run", "munge"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
         self._write_conf()
@@ -131,6 +132,9 @@ class LocalSlurm:
     def _start_munge(self) -> None:
         m = self.root / "munge"
         m.chmod(0o700)  # munged refuses keys in group- or world-accessible folders
+        # ... but wants its socket where every folder on the way may be entered by all (pytest's tmp
+        # folders may not), and socket paths are limited to 107 bytes: a short folder in /tmp.
+        self.munge_socket = Path(tempfile.mkdtemp(prefix="neo-munge-")) / "munge.socket"
         self.munge_socket.parent.chmod(0o755)
         key = m / "munge.key"
         if not key.exists():
@@ -219,6 +223,8 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
                 if not _alive(pid):
                     break
         self._pidfiles.clear()
+        if self.munge_socket is not None:
+            shutil.rmtree(self.munge_socket.parent, ignore_errors=True)
 
     # ------------------------------------------------------------------ jobs
     def _run(self, cmd: list[str], check: bool = True, timeout: float = 30, cwd=None) -> str:
@@ -248,7 +254,7 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
         except subprocess.TimeoutExpired as e:
             raise ClusterError(f"sbatch {' '.join(args)}: {e}") from e
         if proc.returncode != 0:
-            raise ClusterError(f"sbatch {' '.join(args)} failed (rc {proc.returncode}): {proc.stderr.strip()}")
+            raise ClusterError(f"sbatch {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:

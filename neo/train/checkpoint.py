@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -218,39 +219,84 @@ _SHAPE_KEYS = ("n_layers", "hidden_size", "n_heads", "ffn_hidden_size", "vocab_s
                "rotary_pct", "parallel_residual", "norm", "activation", "tie_embeddings")
 
 
-def check_compatible(meta: dict, model: dict, layout: dict, path: str, weights_only: bool) -> None:
-    """Refuse a checkpoint of another model shape, or (for a full resume) another parallel layout."""
+def check_compatible(meta: dict, model: dict, path: str) -> None:
+    """Refuse a checkpoint of another model shape."""
     saved = meta.get("model", {})
     diffs = [f"model.{k}: saved {saved.get(k)!r}, now {model.get(k)!r}" for k in _SHAPE_KEYS
              if k in saved and saved.get(k) != model.get(k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} holds a different model shape: {'; '.join(diffs)}. "
                               "Fix: use the model config it was trained with.")
-    saved_layout = meta.get("layout", {})
-    if saved_layout.get("tp") != layout["tp"] or saved_layout.get("pp") != layout["pp"]:
-        raise CheckpointError(f"checkpoint {path} was saved with tp={saved_layout.get('tp')} "
-                              f"pp={saved_layout.get('pp')}, this run uses tp={layout['tp']} pp={layout['pp']}. "
-                              "Fix: resume with the saved tp/pp.")
-    if not weights_only and (saved_layout.get("dp") != layout["dp"] or saved_layout.get("zero") != layout["zero"]):
-        raise CheckpointError(f"checkpoint {path} was saved with dp={saved_layout.get('dp')} "
-                              f"zero={saved_layout.get('zero')}, this run uses dp={layout['dp']} "
-                              f"zero={layout['zero']}: the optimizer state is sharded differently. Fix: resume with "
-                              "the saved layout, or set checkpoint.load_weights_only: true to continue with the "
-                              "weights and a fresh optimizer.")
 
 
-def load(engine, path: str, *, weights_only: bool) -> None:
-    """Load DeepSpeed's state (all ranks) and, for a full resume, this rank's RNG state."""
+@dataclass
+class LoadPlan:
+    """How a run starts from a checkpoint.
+
+    resume: DeepSpeed's full state (weights, optimizer, LR schedule, RNG) in the same layout;
+    reshape: another (tp, pp, dp, ZeRO) layout: weights from neo's files, iteration and data position
+    kept, optimizer state fresh (DeepSpeed 0.19 cannot re-shard it without a universal checkpoint);
+    weights: fine-tuning: weights only, iteration 0, fresh optimizer.
+    """
+
+    path: str
+    mode: str
+    meta: dict
+    saved_layout: dict
+
+    def describe(self) -> str:
+        it, n = self.meta["iteration"], self.meta["consumed_samples"]
+        if self.mode == "resume":
+            return f"resumed from {self.path} (iteration {it}, {n:,} samples consumed)"
+        if self.mode == "weights":
+            return f"loaded the weights of {self.path} (iteration {it}); starting at iteration 0, fresh optimizer"
+        s = self.saved_layout
+        return (f"loaded {self.path} (iteration {it}, {n:,} samples) saved with tp={s.get('tp')} pp={s.get('pp')} "
+                f"dp={s.get('dp')} zero={s.get('zero')} into this layout: weights, iteration, data position and LR "
+                "schedule carried over; the optimizer state (Adam moments) starts fresh because DeepSpeed cannot "
+                "re-shard it across layouts here")
+
+
+def plan_load(path: str, layout: dict, weights_only: bool) -> LoadPlan:
+    meta = read_meta(path)
+    verify(path, meta)
+    saved = meta.get("layout", {})
+    same = all(saved.get(k) == layout[k] for k in ("tp", "pp", "dp", "zero"))
+    mode = "weights" if weights_only else ("resume" if same else "reshape")
+    return LoadPlan(path, mode, meta, saved)
+
+
+def copy_weights_into(module: torch.nn.Module, path: str, topo) -> None:
+    """Fill ``module`` (plain or pipeline form, any tp) with its slice of the checkpoint's full weights."""
+    state, _ = load_full_weights(path)
+    for name, p in module.named_parameters():
+        key = canonical_name(name)
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} has no weight {key}; it does not match this model.")
+        full = state[key]
+        dim = getattr(p, "tp_split_dim", None)
+        if dim is not None:
+            full = full.chunk(topo.tp, dim=dim)[topo.coord.tensor]
+        if full.shape != p.shape:
+            raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(full.shape)} for this rank, the "
+                                  f"model expects {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(full.to(p.dtype))
+
+
+def load(engine, path: str) -> None:
+    """Resume DeepSpeed's full state (all ranks) and this rank's RNG streams from ``path``."""
     root, tag = os.path.split(os.path.normpath(path))
-    loaded, _ = engine.load_checkpoint(root, tag=tag, load_module_only=weights_only,
-                                       load_optimizer_states=not weights_only,
-                                       load_lr_scheduler_states=not weights_only)
+    try:
+        loaded, _ = engine.load_checkpoint(root, tag=tag)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed raises many types for damaged files
+        raise CheckpointError(f"DeepSpeed could not load {path}: {type(e).__name__}: {e}. Fix: load an earlier "
+                              "checkpoint (delete this folder).") from None
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {path}; files are missing or unreadable.")
-    if not weights_only:
-        rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
-        if os.path.isfile(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=True))
+    rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
 
 
 def load_full_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:

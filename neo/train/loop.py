@@ -91,7 +91,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout agrees across a TP group
         tp_random.seed(cfg.seed + 2718 + self.topo.coord.tensor)  # split heads: independent per TP rank
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.args = dataclasses.replace(cfg.model, vocab_size=_resolve_vocab(cfg, self.tokenizer))
+        self.load = self._plan_load()
+        vocab = _resolve_vocab(cfg, self.tokenizer)
+        if self.load and cfg.model.vocab_size is None:  # keep the saved padding (it grows with tp)
+            vocab = int(self.load.meta["model"]["vocab_size"])
+            if vocab % cfg.parallel.tp:
+                raise ckpt.CheckpointError(f"checkpoint {self.load.path} has vocab_size {vocab}, not divisible by "
+                                           f"parallel.tp = {cfg.parallel.tp}. Fix: choose a tp that divides it.")
+        self.args = dataclasses.replace(cfg.model, vocab_size=vocab)
         self.pipeline = cfg.parallel.pp > 1
         if self.pipeline:
             model = pipeline_module(self.args, self.topo, seed=cfg.seed,
@@ -102,6 +109,10 @@ class Trainer:
             model = GPT(self.args, tp_group=self.topo.tensor_group, seed=cfg.seed,
                         checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
             tied = set()
+        if self.load:
+            ckpt.check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path)
+            if self.load.mode != "resume":  # before DeepSpeed copies the weights into its fp32 masters
+                ckpt.copy_weights_into(model, self.load.path, self.topo)
         groups = param_groups(model, cfg.optimizer.weight_decay)
         adam = dict(lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
         if neo_clips(cfg.zero.stage, cfg.precision.dtype):
@@ -116,7 +127,8 @@ class Trainer:
         self._neo_optimizer = optimizer
         self.partitioning = self._describe_partitioning(model) if self.pipeline else None
         self.iteration, self.consumed = 0, 0
-        self._maybe_load()
+        if self.load:
+            self._finish_load()
 
         g, it = cfg.batch.global_batch_size, cfg.schedule.iterations
         self.datasets = build_datasets(
@@ -131,24 +143,26 @@ class Trainer:
     def _layout(self) -> dict:
         return {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "zero": self.cfg.zero.stage}
 
-    def _maybe_load(self) -> None:
+    def _plan_load(self) -> ckpt.LoadPlan | None:
+        """What to start from: the newest checkpoint of this run, else ``checkpoint.load``, else nothing."""
         c = self.cfg.checkpoint
-        path, weights_only = None, False
-        if c.resume:
-            path = ckpt.find_latest(self.cfg.checkpoint_dir)
+        path = ckpt.find_latest(self.cfg.checkpoint_dir) if c.resume else None
+        weights_only = False
         if path is None and c.load:
             path, weights_only = ckpt.resolve(c.load), c.load_weights_only
         if path is None:
-            return
-        meta = ckpt.read_meta(path)
-        ckpt.verify(path, meta)
-        ckpt.check_compatible(meta, dataclasses.asdict(self.args), self._layout(), path, weights_only)
-        ckpt.load(self.engine, path, weights_only=weights_only)
-        if not weights_only:
+            return None
+        return ckpt.plan_load(path, self._layout(), weights_only)
+
+    def _finish_load(self) -> None:
+        plan, meta = self.load, self.load.meta
+        if plan.mode == "resume":
+            ckpt.load(self.engine, plan.path)
+        if plan.mode != "weights":
             self.iteration, self.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
-        log(f"neo: loaded {'weights from ' if weights_only else ''}{path} "
-            f"(iteration {meta['iteration']}, {meta['consumed_samples']:,} samples consumed)"
-            + (", starting at iteration 0 with a fresh optimizer" if weights_only else ""))
+            if plan.mode == "reshape":  # DeepSpeed's scheduler state was not loaded: set its position
+                self.scheduler.load_state_dict({"last_step": self.iteration})
+        log(f"neo: {plan.describe()}")
 
     def save(self) -> str:
         meta = {"consumed_samples": self.consumed, "config": neo_config.to_dict(self.cfg),
@@ -238,6 +252,8 @@ class Trainer:
             log(f"neo: nothing to do: the checkpoint is at iteration {self.iteration} of {cfg.schedule.iterations}. "
                 "Raise schedule.iterations to train further.")
             return 0
+        if self.load and self.load.mode == "reshape":
+            self._validate(writer, note="after loading into the new layout")
         batches = self._batches("train", self.consumed)
         start_iteration, run_start = self.iteration, time.perf_counter()
         code = 0
@@ -281,12 +297,15 @@ class Trainer:
                 f"Checkpoint {path}; metrics {os.path.join(cfg.logging.dir, 'metrics.jsonl')}.")
         return code
 
-    def _validate(self, writer) -> None:
+    def _validate(self, writer, note: str = "") -> None:
         valid = self.evaluate("valid")
         if valid is None:
             return
         record = {"step": self.iteration, "valid_loss": valid, "valid_ppl": math.exp(min(valid, 50.0))}
-        log(f"step {self.iteration:>6} | validation loss {valid:.4f} | perplexity {record['valid_ppl']:.2f}")
+        if note:
+            record["note"] = note
+        log(f"step {self.iteration:>6} | validation loss {valid:.4f} | perplexity {record['valid_ppl']:.2f}"
+            + (f" ({note})" if note else ""))
         if writer:
             writer.write(record)
 

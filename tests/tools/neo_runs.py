@@ -15,8 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "ds_configs" / "models" / "tiny.yml")
 # Variables a launcher (or an enclosing SLURM job) sets; a test starts from none of them.
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "CROSS_RANK", "CROSS_SIZE", "OMP_NUM_THREADS")
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE", "OMP_NUM_THREADS")
 LAUNCH_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "TORCHELASTIC_", "PMI_", "OMPI_")
 
 
@@ -60,4 +60,5 @@ def end_codes(recs: list[dict]) -> list[int]:
 
 def checkpoints(run_dir: Path) -> list[dict]:
     """The neo.json of every complete checkpoint in the run."""
-    return [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "checkpoints").glob("iter_*/neo.json"))]
+    folders = sorted((Path(run_dir) / "checkpoints").glob("iter_*/neo.json"))
+    return [json.loads(p.read_text()) for p in folders]

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Evaluate a neo checkpoint: loss, perplexity and bits per byte on data, and lm-eval tasks.
+
+    python launch/evaluate.py CKPT data/tokens/sample --split valid --split-ratio 969,30,1
+    python launch/evaluate.py CKPT book.txt notes.md corpus.jsonl.gz     # raw text, tokenized on the fly
+    python launch/evaluate.py CKPT --tasks neo_tiny --include-path tests/fixtures/lm_eval
+
+FILES are .bin/.idx token prefixes (PREFIX, PREFIX.bin or PREFIX.idx) or raw text: .jsonl/.json records
+(one document per record, field --text-key) or any other UTF-8 text file (one document), optionally
+.gz/.bz2/.xz. Every token is scored once, in contiguous windows of --seq-length (default: the model's).
+--split picks a document range of token files (default all; the ratio defaults to the checkpoint's
+data.split). Results go to stdout (a table, or JSON with --json); logs go to stderr.
+Exit codes: 0 done; 2 bad input (options, checkpoint, files, tasks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint folder (iter_N) or checkpoint dir (its newest is used)")
+    p.add_argument("files", nargs="*", help="token prefixes or raw text files")
+    p.add_argument("--split", default="all", choices=["all", "train", "valid", "test"],
+                   help="document range of token files (default: all)")
+    p.add_argument("--split-ratio", default=None, help="e.g. 969,30,1 (default: the checkpoint's data.split)")
+    p.add_argument("--seq-length", type=int, default=None, help="window length (default: the model's seq_length)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--text-key", default="text", help="field of JSONL records holding the text")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs the eval extra)")
+    p.add_argument("--include-path", action="append", default=[], help="folder of local lm-eval YAML tasks")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many examples per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--output", default=None, help="write the full results (and lm-eval's) as JSON here")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not args.files and not args.tasks:
+        raise UsageError("nothing to evaluate: give FILES (token prefixes or text files) and/or --tasks")
+    if not os.path.exists(args.checkpoint):
+        raise UsageError(f"checkpoint {args.checkpoint} does not exist")
+    for f in args.files:
+        if not (os.path.isfile(f) or os.path.isfile(f + ".bin") or os.path.isfile(f + ".idx")):
+            raise UsageError(f"{f}: no such file (nor {f}.bin/.idx)")
+    if args.seq_length is not None and args.seq_length < 1:
+        raise UsageError(f"--seq-length must be >= 1, got {args.seq_length}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for d in args.include_path:
+        if not os.path.isdir(d):
+            raise UsageError(f"--include-path {d} is not a folder")
+    if args.split != "all" and not any(_is_prefix(f) for f in args.files):
+        raise UsageError("--split applies to token files (.bin/.idx); none were given")
+
+
+def _is_prefix(path: str) -> bool:
+    from neo.evaluate import is_token_file
+
+    return is_token_file(path) is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except UsageError as e:
+        print(f"neo evaluate: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    import torch
+
+    from neo.data.indexed import DataError
+    from neo.data.tokenizer import TokenizerError
+    from neo.evaluate import EvalError, EvalResult, evaluate_path, format_table, token_byte_lengths
+    from neo.generate import GenerationError, Generator
+    from neo.train.checkpoint import CheckpointError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        gen = Generator.from_checkpoint(args.checkpoint, device=device, dtype=getattr(torch, DTYPES[args.dtype]),
+                                        batch_size=args.batch_size)
+        model, tokenizer = gen.model, gen.tokenizer
+        seq_length = args.seq_length or model.args.seq_length
+        if model.args.position_embedding != "rotary" and seq_length > model.args.max_positions:
+            raise EvalError(f"--seq-length {seq_length} exceeds the model's {model.args.max_positions} positions")
+        ratio = args.split_ratio or _checkpoint_split(args.checkpoint) or "969,30,1"
+        print(f"neo: evaluating {args.checkpoint} on {device}, windows of {seq_length} tokens", file=sys.stderr,
+              flush=True)
+        results: list[EvalResult] = []
+        byte_lengths = token_byte_lengths(tokenizer) if any(_is_prefix(f) for f in args.files) else None
+        for f in args.files:
+            r = evaluate_path(model, tokenizer, f, seq_length=seq_length, batch_size=args.batch_size,
+                              split=args.split, split_ratio=ratio, text_key=args.text_key, byte_lengths=byte_lengths)
+            print(f"neo: {r.name}: {r.tokens:,} tokens, loss {r.loss:.4f}", file=sys.stderr, flush=True)
+            results.append(r)
+        report: dict = {"checkpoint": args.checkpoint, "seq_length": seq_length}
+        if results:
+            report["results"] = [r.to_dict() for r in results]
+            if len(results) > 1:
+                report["total"] = EvalResult.total(results).to_dict()
+        if args.tasks:
+            report["lm_eval"] = _run_lm_eval(gen, args)
+    except (CheckpointError, TokenizerError, DataError, EvalError, GenerationError) as e:
+        print(f"neo evaluate: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "lm_eval"} |
+                         ({"lm_eval": report["lm_eval"]["results"]} if "lm_eval" in report else {}), default=str))
+    else:
+        if results:
+            print(format_table(results))
+        if args.tasks:
+            from lm_eval.utils import make_table
+
+            print(make_table(report["lm_eval"]))
+    return 0
+
+
+def _checkpoint_split(path: str) -> str | None:
+    """The data.split the checkpoint was trained with, so 'valid' means the documents it held out."""
+    from neo.train.checkpoint import read_meta, resolve
+
+    try:
+        return read_meta(resolve(path)).get("config", {}).get("data", {}).get("split")
+    except Exception:  # noqa: BLE001 - only a default; loading reports real problems
+        return None
+
+
+def _run_lm_eval(gen, args: argparse.Namespace) -> dict:
+    from neo.evaluate import EvalError
+
+    try:
+        from neo.lm_eval_adapter import NeoLM, run_tasks
+    except ImportError as e:
+        raise EvalError(str(e)) from None
+    lm = NeoLM(generator=gen, batch_size=args.batch_size)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    try:
+        out = run_tasks(lm, tasks, include_path=args.include_path or None, limit=limit,
+                        num_fewshot=args.num_fewshot, log_samples=False)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    return {k: out[k] for k in ("results", "versions", "n-shot", "configs", "higher_is_better", "group_subtasks")
+            if k in out}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

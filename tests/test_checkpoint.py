@@ -1,0 +1,196 @@
+"""Checkpoints that never lose work: kill anywhere and resume exactly, refuse damaged checkpoints, reshape."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, _env, run_training
+
+from neo.train.checkpoint import load_full_weights
+
+STEPS = 12
+COMMON = (f"schedule.iterations={STEPS}", "schedule.warmup=2", "optimizer.lr=3e-3", "eval.interval=0",
+          "logging.interval=4", "checkpoint.save_interval=2", "checkpoint.keep_last_n=2",
+          "batch.micro_batch_size=2", "batch.grad_accum=2")
+
+
+def last_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss, the last record of each step (a killed run's unsaved steps are recomputed later)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            continue
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_full_weights(str(run_dir / "checkpoints"))[0]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def start(run_dir: Path, *overrides: str, nproc: int = 1) -> subprocess.Popen:
+    script = str(ROOT / "launch" / "train.py")
+    cmd = [sys.executable, script] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                         f"--nproc_per_node={nproc}", script]
+    cmd += [TINY, "--set", f"logging.dir={run_dir}"] + [a for o in overrides for a in ("--set", o)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 120) -> bool:
+    """SIGKILL the whole process group once ``condition()`` holds; False if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if condition():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            return True
+        time.sleep(0.002)
+    proc.wait(timeout=30)
+    return False
+
+
+def steps_done(run_dir: Path) -> int:
+    try:
+        return max(last_losses(run_dir), default=0)
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sample_tokens, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_training(run_dir, f"data.train_paths=[{sample_tokens}]", *COMMON)
+    return run_dir, last_losses(run_dir), final_weights(run_dir)
+
+
+def test_sigkill_at_random_points_then_resume_reaches_the_same_weights(uninterrupted, sample_tokens, tmp_path):
+    _, ref_losses, ref_weights = uninterrupted
+    rng = random.Random()
+    kills = 0
+    for _ in range(3):  # three kills at random steps, each followed by a restart
+        target = rng.randint(1, STEPS - 1)
+        proc = start(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON)
+        kills += kill_when(proc, lambda t=target: steps_done(tmp_path) >= t)
+    assert kills >= 1
+    run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON)
+    assert last_losses(tmp_path) == ref_losses  # every step, bitwise, including the data order
+    assert_same_weights(final_weights(tmp_path), ref_weights)
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(uninterrupted, sample_tokens, tmp_path):
+    _, ref_losses, ref_weights = uninterrupted
+    ckpts = tmp_path / "checkpoints"
+
+    def saving() -> bool:
+        return ckpts.is_dir() and any(n.startswith(".tmp-") for n in os.listdir(ckpts)) and steps_done(tmp_path) > 2
+
+    proc = start(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON)
+    assert kill_when(proc, saving), "the run finished before a save could be interrupted"
+    partial = [n for n in os.listdir(ckpts) if n.startswith(".tmp-")]
+    assert partial, "the interrupted save left its temporary folder (and nothing that looks complete)"
+    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON)
+    assert "resumed from" in run.output
+    assert not any(n.startswith(".tmp-") for n in os.listdir(ckpts))  # cleaned after the next publish
+    assert last_losses(tmp_path) == ref_losses
+    assert_same_weights(final_weights(tmp_path), ref_weights)
+
+
+@pytest.mark.multiproc
+def test_sigterm_saves_and_exits_with_the_requeue_code_then_resumes(sample_tokens, tmp_path_factory):
+    """Two processes with ZeRO-1 (the SLURM preemption path): SIGTERM -> save -> exit 75 -> resume, bitwise."""
+    args = (f"data.train_paths=[{sample_tokens}]", *COMMON, "zero.stage=1", "batch.micro_batch_size=1")
+    ref_dir = tmp_path_factory.mktemp("ref2")
+    run_training(ref_dir, *args, nproc=2)
+    run_dir = tmp_path_factory.mktemp("term")
+    proc = start(run_dir, *args, nproc=2)
+    deadline = time.monotonic() + 120
+    while steps_done(run_dir) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    end = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    assert end and end[-1]["exit_code"] == 75
+    stopped_at = end[-1]["step"]
+    assert stopped_at < STEPS and (run_dir / "checkpoints" / f"iter_{stopped_at:08d}" / "neo.json").exists()
+    run_training(run_dir, *args, nproc=2)
+    assert last_losses(run_dir) == last_losses(ref_dir)
+    assert_same_weights(final_weights(run_dir), final_weights(ref_dir))
+
+
+def test_truncated_and_incomplete_checkpoints_are_refused(uninterrupted, sample_tokens, tmp_path):
+    run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON[:1], "schedule.iterations=4", *COMMON[1:])
+    newest = tmp_path / "checkpoints" / "iter_00000004"
+    victim = newest / "mp_rank_00_model_states.pt"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON, check=False)
+    assert run.returncode == 2 and "is corrupt" in run.output and str(newest) in run.output
+    assert "Traceback" not in run.output
+
+    victim.unlink()
+    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON, check=False)
+    assert run.returncode == 2 and "is incomplete" in run.output and victim.name in run.output
+
+    # a checkpoint without neo.json was never published: the previous one is used instead
+    (newest / "neo.json").unlink()
+    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON)
+    assert "resumed from" in run.output and "iter_00000002" in run.output
+
+
+def test_other_model_shape_is_refused(uninterrupted, sample_tokens, tmp_path):
+    src, _, _ = uninterrupted
+    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON, "model.hidden_size=128",
+                       f"checkpoint.load={src / 'checkpoints'}", check=False)
+    assert run.returncode == 2 and "different model shape" in run.output and "hidden_size" in run.output
+
+
+def test_load_weights_only_starts_fine_tuning_at_iteration_zero(uninterrupted, sample_tokens, tmp_path):
+    src, _, ref_weights = uninterrupted
+    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON, "schedule.iterations=2",
+                       f"checkpoint.load={src / 'checkpoints'}", "checkpoint.load_weights_only=true",
+                       "checkpoint.save_interval=0", "optimizer.lr=1e-12", "schedule.warmup=0")
+    assert "starting at iteration 0" in run.output and [r["step"] for r in run.records if "loss" in r] == [1, 2]
+    tuned = final_weights(tmp_path)  # two steps at lr 1e-12 leave the loaded weights (almost) unchanged
+    assert all(torch.allclose(tuned[k], ref_weights[k], atol=1e-6) for k in ref_weights)
+
+
+@pytest.mark.multiproc
+def test_reshape_tp2_pp2_to_one_process_and_back(sample_tokens, tmp_path):
+    """Saved with tp 2 x pp 2 on 4 processes, loaded on 1 (and the reverse): same validation loss, trains on."""
+    args = (f"data.train_paths=[{sample_tokens}]", "schedule.warmup=2", "optimizer.lr=3e-3", "eval.iters=2",
+            "logging.interval=2", "batch.global_batch_size=8", "batch.micro_batch_size=2", "model.n_layers=3")
+    four = tmp_path / "four"
+    src = run_training(four, *args, "schedule.iterations=4", "eval.interval=4", "parallel.tp=2", "parallel.pp=2",
+                       nproc=4)
+    one = run_training(tmp_path / "one", *args, "schedule.iterations=6", "eval.interval=6",
+                       f"checkpoint.load={four / 'checkpoints'}")
+    reshaped = [r for r in one.records if r.get("note")]
+    assert "optimizer state (Adam moments) starts fresh" in one.output
+    assert reshaped and reshaped[0]["step"] == 4
+    assert abs(reshaped[0]["valid_loss"] - src.valid_losses[-1]) <= 1e-5 * src.valid_losses[-1]
+    assert [r["step"] for r in one.records if "loss" in r] == [5, 6]
+
+    back = run_training(tmp_path / "back", *args, "schedule.iterations=8", "eval.interval=8", "parallel.tp=2",
+                        "parallel.pp=2", f"checkpoint.load={tmp_path / 'one' / 'checkpoints'}", nproc=4)
+    again = [r for r in back.records if r.get("note")]
+    assert again and abs(again[0]["valid_loss"] - one.valid_losses[-1]) <= 1e-5 * one.valid_losses[-1]
+    assert [r["step"] for r in back.records if "loss" in r] == [7, 8]

@@ -142,6 +142,7 @@ def main() -> None:
         "preprocess.py --workers 1": lambda: run_cli(path, tmp / "w1", 1),
         "preprocess.py --workers 2": lambda: run_cli(path, tmp / "w2", 2),
     }
+    load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {k: [] for k in methods}
     for r in range(args.rounds):
         for name, fn in methods.items():
@@ -179,7 +180,8 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "input": {"path": str(path), "mb": round(mb, 1), "documents": sum(1 for _ in open(path, "rb")),
                   "tokens": tokens.pop(), "generated_from_sample": not args.input},
-        "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine()},
+        "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
+                     "load_avg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "versions": {"python": platform.python_version(), "tiktoken": tiktoken.__version__,
                      "numpy": numpy.__version__, "neo": _git_rev()},
         "rounds": args.rounds, "results": rows, "memory": memory,
@@ -210,7 +212,9 @@ def _markdown(r: dict) -> str:
         f"- command: `{r['command']}`",
         f"- input: {r['input']['mb']} MB JSONL, {r['input']['documents']:,} documents, {r['input']['tokens']:,} "
         f"gpt2 tokens ({'generated from data/sample' if r['input']['generated_from_sample'] else r['input']['path']})",
-        f"- hardware: {r['hardware']['cpu']}, {r['hardware']['cores']} cores ({r['hardware']['machine']})",
+        f"- hardware: {r['hardware']['cpu']}, {r['hardware']['cores']} cores ({r['hardware']['machine']}); "
+        "1-minute load average before/after: {} / {} (other work on the machine skews the ratios)".format(
+            *r["hardware"]["load_avg_1m_before_after"]),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
         f"- median of {r['rounds']} interleaved rounds; preprocess seconds are its own timer (after start-up "
         "and tokenizer load, as for the loops); wall includes the interpreter start-up", "",

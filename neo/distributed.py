@@ -238,15 +238,25 @@ def init(timeout_minutes: int = 30) -> DistEnv:
     if env.note and env.rank == 0:
         print(f"neo: note: {env.note}", file=sys.stderr, flush=True)
     export(env)
-    set_threads(env)
-    device_for(env)
+    threads = set_threads(env)
+    device = device_for(env)
     import deepspeed
 
     _skip_shm_build()
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes),
                                rank=env.rank, world_size=env.world_size)
+    if env.rank == 0:
+        name = f" ({_device_name(device)})" if device.type == "cuda" else f", {threads} thread(s) per rank"
+        print(f"neo: {env.world_size} rank(s) from {env.launcher}, {env.local_world_size} on this node; "
+              f"backend {backend()}; device {device}{name}; master {env.master_addr}:{env.master_port}", flush=True)
     return env
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)
 
 
 # Exit codes after which every rank reaches shutdown() together: finished, or saved for a requeue.

@@ -101,7 +101,7 @@ def aborted_at_exit(rc: int, output: str) -> bool:
     return rc in (-signal.SIGABRT, 128 + signal.SIGABRT, 1) and bool(re.search(r"SIGABRT|Signal 6", output))
 
 
-def check_finished(rc: int, output: str, run_dir: Path, world: int) -> list[float]:
+def check_finished(rc: int, output: str, run_dir: Path, world: int, launcher: str) -> list[float]:
     """The run trained to the end with ``world`` ranks; its losses.
 
     Success is read from the run's own records. A non-zero code is forgiven only when the end record
@@ -112,6 +112,7 @@ def check_finished(rc: int, output: str, run_dir: Path, world: int) -> list[floa
     assert finished and (rc == 0 or aborted_at_exit(rc, output)), \
         f"exit {rc}, end records {end_codes(recs)}:\n{output[-4000:]}"
     assert f"world {world} = pp 1 x dp {world} x tp 1" in output, output[-4000:]
+    assert f"{world} rank(s) from {launcher}, {world} on this node; backend gloo; device cpu" in output
     final = checkpoints(run_dir)[-1]
     assert final["iteration"] == ITERATIONS and final["layout"]["dp"] == world
     assert len(losses(recs)) == ITERATIONS
@@ -128,12 +129,12 @@ def torchrun_losses(tokens, tmp_path_factory) -> list[float]:
     run_dir = tmp_path_factory.mktemp("torchrun")
     rc, out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
                    *neo_args(tokens, run_dir)])
-    return check_finished(rc, out, run_dir, 2)
+    return check_finished(rc, out, run_dir, 2, "torchrun")
 
 
 def test_plain_python_is_one_process(tokens, tmp_path):
     rc, out = run([sys.executable, TRAIN, *neo_args(tokens, tmp_path)])
-    check_finished(rc, out, tmp_path, 1)
+    check_finished(rc, out, tmp_path, 1, "single")
 
 
 @pytest.mark.multiproc
@@ -149,7 +150,7 @@ def test_deepspeed_launcher_two_processes_on_cpu(tokens, tmp_path, torchrun_loss
     # --num_gpus N starts N ranks on the CPU accelerator too; a free port: 29500 may be taken
     rc, out = run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN,
                    *neo_args(tokens, tmp_path)])
-    assert check_finished(rc, out, tmp_path, 2) == pytest.approx(torchrun_losses, rel=1e-5)
+    assert check_finished(rc, out, tmp_path, 2, "deepspeed") == pytest.approx(torchrun_losses, rel=1e-5)
 
 
 @pytest.mark.multiproc
@@ -165,7 +166,7 @@ def test_rank_and_world_size_set_by_hand(tokens, tmp_path, torchrun_losses):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    check_finished(procs[0].returncode, outs[0], tmp_path, 2)  # rank 0 logs and writes the records
+    check_finished(procs[0].returncode, outs[0], tmp_path, 2, "env")  # rank 0 logs and writes the records
     assert procs[1].returncode == 0 or aborted_at_exit(procs[1].returncode, outs[1]), outs[1][-4000:]
     assert losses(records(tmp_path)) == pytest.approx(torchrun_losses, rel=1e-5)
 
@@ -180,3 +181,15 @@ def test_launch_errors_exit_2_with_one_message(tokens, tmp_path, env, extra, mes
     assert rc == 2 and message in out, out[-3000:]
     assert "Traceback" not in out
     assert not records(tmp_path)
+
+
+@pytest.mark.multiproc
+def test_smoke_script_on_cpu(tmp_path):
+    # launch/smoke.sh is for new GPU nodes; --cpu runs the same checks here (gloo, 2 processes)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "smoke.sh"), "--cpu"], cwd=ROOT, capture_output=True,
+                          text=True, env=clean_env(NEO_SMOKE_DIR=str(tmp_path)), timeout=600)
+    assert proc.returncode == 0 and "all checks passed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    for check in ("software", "collectives", "deepspeed-ops", "train", "generate"):
+        assert re.search(rf"^PASS  {check} ", proc.stdout, re.M), proc.stdout
+    assert "all_reduce of 64 MiB over 2 rank(s) with gloo: correct" in proc.stdout
+    assert end_codes(records(tmp_path / "run")) == [0]

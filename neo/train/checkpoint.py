@@ -215,15 +215,23 @@ def resolve(path: str) -> str:
     return found
 
 
-_SHAPE_KEYS = ("n_layers", "hidden_size", "n_heads", "ffn_hidden_size", "vocab_size", "position_embedding",
-               "rotary_pct", "parallel_residual", "norm", "activation", "tie_embeddings")
+def _shape(model: dict) -> dict:
+    """What makes two models' weights interchangeable (defaults like ffn_hidden_size=None resolved)."""
+    from neo.model.args import ModelArgs
+
+    a = ModelArgs(**model)
+    shape = {k: getattr(a, k) for k in ("n_layers", "hidden_size", "n_heads", "ffn_size", "vocab_size",
+                                         "position_embedding", "rotary_dim", "parallel_residual", "norm",
+                                         "activation", "tie_embeddings")}
+    if a.position_embedding == "learned":
+        shape["max_positions"] = a.max_positions
+    return shape
 
 
 def check_compatible(meta: dict, model: dict, path: str) -> None:
     """Refuse a checkpoint of another model shape."""
-    saved = meta.get("model", {})
-    diffs = [f"model.{k}: saved {saved.get(k)!r}, now {model.get(k)!r}" for k in _SHAPE_KEYS
-             if k in saved and saved.get(k) != model.get(k)]
+    saved, now = _shape(meta.get("model", {})), _shape(model)
+    diffs = [f"model.{k}: saved {saved[k]!r}, now {now[k]!r}" for k in saved if saved[k] != now.get(k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} holds a different model shape: {'; '.join(diffs)}. "
                               "Fix: use the model config it was trained with.")

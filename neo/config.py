@@ -39,18 +39,18 @@ class DataConfig:
     tokenizer: str = "gpt2"  # tiktoken name, a .tiktoken rank file, or a folder with encoder.json + vocab.bpe
     train_paths: list[str] = field(default_factory=list)  # token file prefixes (path without .bin/.idx)
     train_weights: list[float] | None = None  # blending weights, one per train path
-    valid_paths: list[str] = field(default_factory=list)
-    test_paths: list[str] = field(default_factory=list)
+    valid_paths: list[str] = field(default_factory=list)  # separate validation token files (instead of split)
+    test_paths: list[str] = field(default_factory=list)  # separate test token files
     split: str = "969,30,1"  # train,valid,test share of documents when no valid/test paths are given
     cache_dir: str | None = None  # where sample-index arrays are cached; None: beside the data
 
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["adamw"] = "adamw"
-    lr: float = 6e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    type: Literal["adamw"] = "adamw"  # AdamW (torch), weight decay decoupled
+    lr: float = 6e-4  # peak learning rate, reached after warmup
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam beta1, beta2
+    eps: float = 1e-8  # Adam epsilon
     weight_decay: float = 0.1  # applied to matrices only (not biases or norms)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
 
@@ -59,9 +59,9 @@ class OptimizerConfig:
 class ScheduleConfig:
     iterations: int = 1000  # optimizer steps of the run
     warmup: int = 0  # steps of linear warmup from 0 to optimizer.lr
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # shape of the decay after warmup
     decay_iters: int | None = None  # steps over which lr decays to min_lr; None: iterations
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # learning rate at the end of the decay
     # stop (after saving a checkpoint) once this launch has run N steps; the next launch resumes.
     # For fixed-length job slots; None trains to `iterations`.
     exit_interval: int | None = None
@@ -84,23 +84,23 @@ class Fp16Config:
     initial_scale_power: int = 16  # dynamic scaling starts at 2**power
     loss_scale_window: int = 1000  # steps without overflow before the scale doubles
     hysteresis: int = 2  # overflows tolerated before the scale halves
-    min_loss_scale: float = 1.0
+    min_loss_scale: float = 1.0  # the dynamic scale never goes below this
 
 
 @dataclass
 class PrecisionConfig:
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: mixed precision with fp32 master weights
     fp16: Fp16Config = field(default_factory=Fp16Config)
 
 
 @dataclass
 class ZeroConfig:
     stage: int = 0  # 0 off, 1 optimizer state, 2 + gradients, 3 + parameters partitioned over data parallel
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    overlap_comm: bool = False
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
+    offload_optimizer: Literal["none", "cpu"] = "none"  # keep optimizer state and step on the CPU
+    overlap_comm: bool = False  # overlap gradient reduction with the backward pass
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather
 
 
 @dataclass
@@ -642,6 +642,57 @@ def batch_arithmetic(cfg: Config) -> str:
             f"{b.global_batch_size * cfg.model.seq_length * cfg.schedule.iterations:,} in the run")
 
 
+# --------------------------------------------------------------------------- reference documentation
+
+def _field_comments(cls) -> dict[str, str]:
+    """Each field's comment in the class source: trailing (``x: int = 1  # ...``) or on the lines above."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# ").strip())
+            continue
+        m = re.match(r"(\w+): [^=]+?(?:= .*?)?(?:\s+#\s*(.*))?$", stripped)
+        if m and not stripped.startswith(("def ", "class ", "@", "return")):
+            text = " ".join([*pending, m.group(2) or ""]).strip()
+            if text:
+                comments[m.group(1)] = text
+        pending = []
+    return comments
+
+
+def reference_markdown() -> str:
+    """The config reference (README's table), generated from the dataclasses and their comments."""
+    defaults = to_dict(Config())
+    out = []
+    for f in dataclasses.fields(Config):
+        if f.name == "world_size":
+            continue
+        tp = typing.get_type_hints(Config)[f.name]
+        if not dataclasses.is_dataclass(tp):
+            doc = "extra DeepSpeed config keys, merged last (neo refuses keys it derives itself)" \
+                if f.name == "deepspeed" else "seed of the weights, the data order and dropout"
+            out.append(f"| `{f.name}` | {_describe(tp)} | `{defaults[f.name]}` | {doc} |")
+            continue
+        stack = [(f"{f.name}.", tp, defaults[f.name])]
+        while stack:
+            prefix, cls, values = stack.pop(0)
+            notes = _field_comments(cls)
+            hints = typing.get_type_hints(cls)
+            for sub in dataclasses.fields(cls):
+                if dataclasses.is_dataclass(hints[sub.name]):
+                    stack.append((f"{prefix}{sub.name}.", hints[sub.name], values[sub.name]))
+                    continue
+                default = values[sub.name]
+                out.append(f"| `{prefix}{sub.name}` | {_describe(hints[sub.name]).replace('|', '/')} | `{default}` | "
+                           f"{notes.get(sub.name, '')} |")
+    return "| key | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(out) + "\n"
+
+
 # --------------------------------------------------------------------------- command line
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -654,10 +705,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neo.config",
                                      description="Resolve, validate and explain neo config files.")
-    add_config_arguments(parser)
+    parser.add_argument("configs", nargs="*", metavar="CONFIG.yml",
+                        help="YAML config files, merged left to right (later files win)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    parser.add_argument("--reference", action="store_true", help="print the config reference (markdown)")
     parser.add_argument("--explain", action="store_true", help="print the resolved config and derived values")
     parser.add_argument("--world-size", type=int, default=None, help="processes the run will use (default 1)")
     args = parser.parse_args(argv)
+    if args.reference:
+        print(reference_markdown(), end="")
+        return 0
+    if not args.configs:
+        parser.error("give at least one config file (or --reference)")
     try:
         cfg = load_config(args.configs, args.overrides, args.world_size)
     except ConfigError as e:

@@ -153,3 +153,11 @@ def test_explain_cli_prints_arithmetic_and_rejects_bad_config(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "neo.config", write(tmp_path, "x.yml", {"model": {"n_layers": 0}})],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "model.n_layers = 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_readme_config_reference_is_generated_from_the_code():
+    from neo.config import reference_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
+    assert block == reference_markdown(), "README is stale: paste `python -m neo.config --reference` into it"

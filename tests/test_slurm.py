@@ -75,7 +75,7 @@ def wait_for_step(cluster: LocalSlurm, job: int, run_dir: Path, log: Path, step:
     pytest.fail(f"job {job} logged no step {step} in {timeout} s:\n{read(log)}")
 
 
-def check_resumed(run_dir: Path, log: Path, iterations: int) -> None:
+def check_resumed(run_dir: Path, log: Path, iterations: int, launcher: str) -> None:
     """One run saved and stopped (75), the requeued run resumed from that checkpoint and finished."""
     text = read(log)
     recs = records(run_dir)
@@ -87,6 +87,7 @@ def check_resumed(run_dir: Path, log: Path, iterations: int) -> None:
     # every step exactly once: the second run went on where the first stopped, not from step 1
     assert steps(recs) == list(range(1, iterations + 1)), text
     assert text.count("world 2 = pp 1 x dp 2 x tp 1") == 2, text
+    assert text.count(f"2 rank(s) from {launcher}, 2 on this node; backend gloo") == 2, text
     final = checkpoints(run_dir)[-1]
     assert final["iteration"] == iterations and final["layout"]["dp"] == 2
 
@@ -128,7 +129,7 @@ def test_train_sbatch_trains_on_two_tasks_then_survives_scontrol_requeue(cluster
     info = cluster.wait(job, timeout=JOB_TIMEOUT)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), read(log)
     assert info["Restarts"] == "1"
-    check_resumed(run_dir, log, iterations)
+    check_resumed(run_dir, log, iterations, "slurm")
     assert "SIGTERM" in read(log) and "requeueing job" not in read(log)  # SLURM requeued it, not the script
 
 
@@ -141,7 +142,7 @@ def test_warning_signal_saves_and_the_script_requeues_with_the_deepspeed_launche
     info = cluster.wait(job, timeout=JOB_TIMEOUT)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), read(log)
     assert info["Restarts"] == "1"
-    check_resumed(run_dir, log, iterations)
+    check_resumed(run_dir, log, iterations, "deepspeed")
     text = read(log)
     assert "deepspeed on 1 node(s) x 2 ranks" in text and f"requeueing job {job}" in text
     assert not (tmp_path / "hostfile").exists()  # removed when the job ended

@@ -15,30 +15,30 @@ from typing import Literal
 class ModelArgs:
     """Architecture of a GPT-NeoX-style decoder. Defaults are the GPT-NeoX / Pythia choices."""
 
-    n_layers: int = 2
-    hidden_size: int = 64
-    n_heads: int = 4
+    n_layers: int = 2  # transformer blocks
+    hidden_size: int = 64  # model width (d_model)
+    n_heads: int = 4  # attention heads; hidden_size / n_heads is the head size
     # MLP inner size; None means 4 x hidden (gelu) or the LLaMA-style 8/3 x hidden rounded up to 64 (swiglu).
     ffn_hidden_size: int | None = None
-    seq_length: int = 128
+    seq_length: int = 128  # tokens per training sample
     # Longest position the model supports; None means seq_length.
     max_position_embeddings: int | None = None
     # None: taken from the tokenizer and padded to a multiple of 128 x tp (GPT-NeoX's rule).
     vocab_size: int | None = None
-    position_embedding: Literal["rotary", "learned", "sinusoidal"] = "rotary"
-    rotary_pct: float = 0.25
-    rotary_base: float = 10000.0
-    parallel_residual: bool = True
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = 1e-5
-    activation: Literal["gelu", "swiglu"] = "gelu"
-    tie_embeddings: bool = False
+    position_embedding: Literal["rotary", "learned", "sinusoidal"] = "rotary"  # how positions enter the model
+    rotary_pct: float = 0.25  # fraction of each head's channels that rotary rotates (GPT-NeoX: 0.25)
+    rotary_base: float = 10000.0  # rotary frequency base (theta)
+    parallel_residual: bool = True  # x + attn(ln1 x) + mlp(ln2 x) (GPT-NeoX); false: sequential (GPT-2)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # normalisation layers
+    norm_eps: float = 1e-5  # epsilon of every norm
+    activation: Literal["gelu", "swiglu"] = "gelu"  # MLP activation (gelu is exact erf GeLU)
+    tie_embeddings: bool = False  # share the input embedding with the output head
     # "small_init": N(0, sqrt(2/(5h))) and wang_init 2/(L sqrt(h)) for the two output projections
     # (Pythia / GPT-NeoX); "normal": N(0, init_std) with outputs scaled by 1/sqrt(2L) (GPT-2 / Megatron).
     init_method: Literal["small_init", "normal"] = "small_init"
-    init_std: float = 0.02
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
+    init_std: float = 0.02  # std of init_method "normal"
+    attention_dropout: float = 0.0  # dropout on attention probabilities (Pythia: 0)
+    hidden_dropout: float = 0.0  # dropout on embeddings and residual branches
 
     @property
     def head_dim(self) -> int:

@@ -223,6 +223,32 @@ def device_for(env: DistEnv):
     return torch.device("cuda", env.local_rank)
 
 
+_early_signal = 0
+
+
+def _remember(signum, _frame) -> None:
+    global _early_signal
+    _early_signal = signum
+
+
+def catch_warning_signal() -> None:
+    """Remember a SIGUSR1 (SLURM's warning before a time limit or preemption) that arrives while the
+    rank starts up, instead of dying of it; the train loop's own handler takes over later and can ask
+    ``pending_signal()``. SIGTERM gets its default action, even when inherited as ignored (from the
+    launcher wrapper of slurm/train-deepspeed.sbatch): launchers use it to stop ranks that fail."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, _remember)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def pending_signal() -> int:
+    """The SIGUSR1 caught during start-up (0 if none)."""
+    return _early_signal
+
+
 def backend() -> str:
     return "nccl" if _has_cuda() else "gloo"
 
@@ -234,6 +260,7 @@ def init(timeout_minutes: int = 30) -> DistEnv:
 
     # DeepSpeed's ZeRO calls torch collectives under names torch has deprecated: one warning per call site.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    catch_warning_signal()
     env = read_env()
     if env.note and env.rank == 0:
         print(f"neo: note: {env.note}", file=sys.stderr, flush=True)

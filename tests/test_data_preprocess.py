@@ -91,6 +91,9 @@ def test_parquet_and_saved_hf_dataset(tmp_path):
     assert read_docs(tmp_path / "hf") == expected_tokens(texts[3:])
     with pytest.raises(DataError, match="no split 'test' .*splits: train, validation"):
         run([tmp_path / "saved"], tmp_path / "hf", split="test")
+    datasets.Dataset.from_dict({"n": [1, 2], "text": texts[:2]}).to_csv(str(tmp_path / "t.csv"))  # via load_dataset
+    run([tmp_path / "t.csv"], tmp_path / "csv", workers=1)
+    assert read_docs(tmp_path / "csv") == expected_tokens(texts[:2])
 
 
 GOOD = [json.dumps({"text": "Good line one."}).encode(), json.dumps({"text": "Good line two."}).encode()]

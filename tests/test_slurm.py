@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurm, unavailable_reason
+from slurm_cluster import FINAL_STATES, LocalSlurm, unavailable_reason
 from tools.neo_runs import ROOT, TINY, checkpoints, clean_env, end_codes, make_tokens, records, steps
 
 from neo.distributed import DistEnv, slurm_port
@@ -63,31 +63,33 @@ def read(log: Path) -> str:
     return log.read_text(errors="replace") if log.exists() else "(no job log)"
 
 
-def wait_for_step(cluster: LocalSlurm, job: int, run_dir: Path, log: Path, step: int, timeout: float) -> None:
-    """Until the run has logged ``step`` (then it is training, its signal handlers installed)."""
+def wait_for_step(cluster: LocalSlurm, job: int, run_dir: Path, log: Path, after: int, timeout: float) -> None:
+    """Until the run logs a step beyond ``after`` (it is training then, its signal handlers set)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(s >= step for s in steps(records(run_dir))):
+        if any(s > after for s in steps(records(run_dir))):
             return
         state = cluster.job(job).get("JobState")
-        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} ended ({state}):\n{read(log)}"
+        assert state not in FINAL_STATES, f"job {job} ended ({state}):\n{read(log)}"
         time.sleep(0.2)
-    pytest.fail(f"job {job} logged no step {step} in {timeout} s:\n{read(log)}")
+    pytest.fail(f"job {job} logged no step beyond {after} in {timeout} s:\n{read(log)}")
 
 
-def check_resumed(run_dir: Path, log: Path, iterations: int, launcher: str) -> None:
-    """One run saved and stopped (75), the requeued run resumed from that checkpoint and finished."""
+def check_resumed(run_dir: Path, log: Path, iterations: int, launcher: str, interruptions: int) -> None:
+    """Each interrupted run saved and stopped (75); each requeued run resumed from the checkpoint
+    the one before saved; the last finished. Every step ran exactly once, on 2 ranks."""
     text = read(log)
     recs = records(run_dir)
-    assert end_codes(recs) == [75, 0], text
-    saved = next(r for r in recs if r.get("event") == "end")
-    assert 1 <= saved["step"] < iterations
-    resumed_log = text.split("(restart 1)", 1)[-1]  # the requeued run's part of the job log
-    assert f"{run_dir}/checkpoints/iter_{saved['step']:08d}" in resumed_log, text
-    # every step exactly once: the second run went on where the first stopped, not from step 1
+    assert end_codes(recs) == [75] * interruptions + [0], text
+    saved = [r["step"] for r in recs if r.get("event") == "end"][:-1]
+    assert all(1 <= s < iterations for s in saved)
+    for restart, step in enumerate(saved, start=1):
+        part = text.split(f"(restart {restart})", 1)[-1]  # the job log from the requeued run on
+        assert f"{run_dir}/checkpoints/iter_{step:08d}" in part, text
+    # not from step 1 again: each run went on where the one before stopped
     assert steps(recs) == list(range(1, iterations + 1)), text
-    assert text.count("world 2 = pp 1 x dp 2 x tp 1") == 2, text
-    assert text.count(f"2 rank(s) from {launcher}, 2 on this node; backend gloo") == 2, text
+    assert text.count("world 2 = pp 1 x dp 2 x tp 1") == interruptions + 1, text
+    assert text.count(f"2 rank(s) from {launcher}, 2 on this node; backend gloo") == interruptions + 1, text
     final = checkpoints(run_dir)[-1]
     assert final["iteration"] == iterations and final["layout"]["dp"] == 2
 
@@ -120,29 +122,35 @@ with open(os.path.join({str(tmp_path)!r}, name), "w") as f:
         assert step["hosts"] == ["gpu07", "gpu08", "gpu09", "login1"]  # expanded by scontrol
 
 
-def test_train_sbatch_trains_on_two_tasks_then_survives_scontrol_requeue(cluster, tokens, tmp_path):
-    # scontrol requeue = what preemption does: SIGTERM to every task, the job goes back to the queue
-    run_dir, iterations = tmp_path / "run", 20
+def test_train_sbatch_saves_on_warning_and_on_scontrol_requeue_and_resumes(cluster, tokens, tmp_path):
+    run_dir, iterations = tmp_path / "run", 24
     job, log = submit(cluster, tmp_path, TRAIN, *train_args(tokens, run_dir, iterations))
-    wait_for_step(cluster, job, run_dir, log, 2, JOB_TIMEOUT)
+    wait_for_step(cluster, job, run_dir, log, 1, JOB_TIMEOUT)
+    # what --signal=B:USR1@300 does before the time limit: the script passes it on, then requeues
+    cluster.command("scancel", "--signal=USR1", "--batch", str(job))
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while end_codes(records(run_dir)) != [75] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert end_codes(records(run_dir)) == [75], read(log)
+    wait_for_step(cluster, job, run_dir, log, max(steps(records(run_dir))) + 1, JOB_TIMEOUT)
+    # what preemption does: SIGTERM to every task, and SLURM puts the job back in the queue itself
     cluster.command("scontrol", "requeue", str(job))
     info = cluster.wait(job, timeout=JOB_TIMEOUT)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), read(log)
-    assert info["Restarts"] == "1"
-    check_resumed(run_dir, log, iterations, "slurm")
-    assert "SIGTERM" in read(log) and "requeueing job" not in read(log)  # SLURM requeued it, not the script
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), read(log)
+    check_resumed(run_dir, log, iterations, "slurm", interruptions=2)
+    text = read(log)
+    assert text.count(f"requeueing job {job}") == 1 and "neo: SIGTERM" in text, text
 
 
-def test_warning_signal_saves_and_the_script_requeues_with_the_deepspeed_launcher(cluster, tokens, tmp_path):
-    # scancel --signal=USR1 --batch is what --signal=B:USR1@300 does before the time limit
+def test_deepspeed_sbatch_saves_on_warning_requeues_and_resumes(cluster, tokens, tmp_path):
+    # the launchers must let the ranks handle the signal and pass their exit code 75 on
     run_dir, iterations = tmp_path / "run", 20
     job, log = submit(cluster, tmp_path, TRAIN_DS, *train_args(tokens, run_dir, iterations))
-    wait_for_step(cluster, job, run_dir, log, 2, JOB_TIMEOUT)
+    wait_for_step(cluster, job, run_dir, log, 1, JOB_TIMEOUT)
     cluster.command("scancel", "--signal=USR1", "--batch", str(job))
     info = cluster.wait(job, timeout=JOB_TIMEOUT)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), read(log)
-    assert info["Restarts"] == "1"
-    check_resumed(run_dir, log, iterations, "deepspeed")
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), read(log)
+    check_resumed(run_dir, log, iterations, "deepspeed", interruptions=1)
     text = read(log)
     assert "deepspeed on 1 node(s) x 2 ranks" in text and f"requeueing job {job}" in text
     assert not (tmp_path / "hostfile").exists()  # removed when the job ended

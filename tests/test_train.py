@@ -49,7 +49,7 @@ def test_resume_continues_the_same_curve(reference, sample_tokens, tmp_path):
     first = run_training(tmp_path, *args, "schedule.exit_interval=5")
     assert first.losses == reference.losses[:5] and "exit_interval reached" in first.output
     resumed = run_training(tmp_path, *args)
-    assert "loaded" in resumed.output and "iteration 5" in resumed.output
+    assert "resumed from" in resumed.output and "iteration 5" in resumed.output
     assert resumed.losses[5:] == reference.losses[5:]
 
 

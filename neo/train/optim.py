@@ -26,12 +26,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def global_grad_norm(params, topo, skip: set[int] = frozenset()) -> float:
     """2-norm of all gradients of the model: TP-split parameters summed over the TP group, replicated ones
     counted once, pipeline stages summed; ``skip`` holds ids of duplicated (tied) parameters."""
-    total = torch.zeros(1, dtype=torch.float64)
-    for p in params:
-        if p.grad is None or id(p) in skip:
-            continue
-        if getattr(p, "model_parallel", False) or topo.coord.tensor == 0:
-            total += p.grad.detach().double().pow(2).sum().cpu()
+    grads = [p.grad.detach() for p in params if p.grad is not None and id(p) not in skip
+             and (getattr(p, "model_parallel", False) or topo.coord.tensor == 0)]
+    device = grads[0].device if grads else ("cuda" if torch.cuda.is_available() else "cpu")
+    total = torch.zeros(1, dtype=torch.float32, device=device)
+    if grads:  # one fused kernel per dtype, one host transfer at the end
+        total += torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
     if topo.tp * topo.pp > 1:
         dist.all_reduce(total, group=topo.mp_group)
     return math.sqrt(total.item())

@@ -4,9 +4,9 @@
         job = cluster.sbatch("slurm/train.sbatch", "ds_configs/models/tiny.yml", cwd=repo)
         info = cluster.wait(job, timeout=90)            # {'JobState': 'COMPLETED', 'ExitCode': '0:0', ...}
 
-Everything (munge key and socket, Slurm's config, state, spool, logs, pid files) lives in one
-scratch folder, on ports picked free, so it touches nothing system-wide and two clusters can
-coexist. Needs root (slurmd and munged run as root) and Debian's packages `slurmctld slurmd
+Everything (munge key, Slurm's config, state, spool, logs, pid files) lives in one scratch
+folder (munge's socket in a short folder of /tmp), on ports picked free: nothing system-wide
+is touched. Needs root (slurmd and munged run as root) and Debian's packages `slurmctld slurmd
 slurm-client munge`; ``unavailable_reason()`` says why a cluster cannot be had, installing the
 packages with apt-get when it can. Every wait has a wall-clock deadline and ``stop()`` always
 ends the daemons, with SIGKILL when they do not listen.
@@ -206,8 +206,12 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         """Cancel all jobs and end the daemons (slurmd, slurmctld, munged); never raises."""
-        if self.conf.exists():
-            self._run(["scancel", "--full", "--user", "root"], check=False, timeout=10)
+        if self.conf.exists() and self._pidfiles:
+            # cancel what still runs and give SLURM KillWait (+ margin) to end it before the daemons go
+            self._run(["scancel", "--user", "root"], check=False, timeout=10)
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and self._run(["squeue", "-h"], check=False, timeout=5).strip():
+                time.sleep(0.2)
         for pidfile in reversed(self._pidfiles):
             pid = self._pid(pidfile)
             if pid is None:

@@ -37,7 +37,9 @@ class StopFlag:
     """Set by SIGTERM/SIGUSR1; checked once per step and agreed on by every rank."""
 
     def __init__(self):
-        self.signum = 0
+        from neo import distributed
+
+        self.signum = distributed.pending_signal()  # a SIGUSR1 that came while the ranks were starting
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 

@@ -15,6 +15,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,40 @@ def build_trainer(cfg, env):
 
 # The neo config keys every bench sets besides the model: no checkpoint is looked for or loaded.
 BENCH_SETTINGS = ["checkpoint.resume=false", "batch.grad_accum=1"]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: each bench job gets its own MASTER_PORT, so two runs never clash."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def fused_adamw(enabled: bool = True):
+    """While active, every ``torch.optim.AdamW`` built (neo's Trainer's included) defaults to ``fused=True``.
+
+    An experiment switch, not a recommendation baked into the benches: it measures what neo would gain
+    from the fused kernel, which updates each element in one pass instead of ~10 full passes.
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+
+    original = torch.optim.AdamW.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("fused", True)
+        original(self, *args, **kwargs)
+
+    torch.optim.AdamW.__init__ = init
+    try:
+        yield
+    finally:
+        torch.optim.AdamW.__init__ = original
 
 
 def command_line() -> str:

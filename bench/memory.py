@@ -178,24 +178,30 @@ def worker(local_rank: int, case: dict, port: int, out_dir: str) -> None:
 # --------------------------------------------------------------------------- running the cases
 
 def run_case(case: dict) -> dict:
-    import torch.multiprocessing as mp
+    """Run one case as a fresh job of tp x dp processes; its per-rank results, or the error it ended with.
 
-    from neo.distributed import _free_port
+    A job whose ranks all wrote their results but that then died at exit (gloo's worker threads
+    sometimes abort the interpreter at shutdown) still counts; the record keeps the exit error beside it.
+    """
+    import torch.multiprocessing as mp
 
     world = case["tp"] * case["dp"]
     t0 = time.perf_counter()
+    exit_error = None
     with tempfile.TemporaryDirectory(prefix="neo-memory-") as tmp:
         try:
-            mp.spawn(worker, args=(case, _free_port(), tmp), nprocs=world, join=True)
+            mp.spawn(worker, args=(case, common.free_port(), tmp), nprocs=world, join=True)
         except Exception as e:  # noqa: BLE001 - a failing layout is a result to record, not the end of the run
-            ranks = sorted(Path(tmp).glob("rank*.json"))
-            text = str(e).strip()
-            return {"error": text[-3000:] or traceback.format_exc()[-3000:], "ranks_done": len(ranks),
-                    "seconds": round(time.perf_counter() - t0, 1)}
+            exit_error = (str(e).strip() or traceback.format_exc())[-3000:]
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+    seconds = round(time.perf_counter() - t0, 1)
     if len(ranks) != world:
-        return {"error": f"only {len(ranks)} of {world} ranks wrote results", "seconds": round(time.perf_counter() - t0, 1)}
-    return {"ranks": sorted(ranks, key=lambda r: r["rank"]), "seconds": round(time.perf_counter() - t0, 1)}
+        return {"error": exit_error or f"only {len(ranks)} of {world} ranks wrote results", "ranks_done": len(ranks),
+                "seconds": seconds}
+    out = {"ranks": sorted(ranks, key=lambda r: r["rank"]), "seconds": seconds}
+    if exit_error:
+        out["exit_error"] = exit_error
+    return out
 
 
 def expected_ratios(tp: int, dp: int, stage: int, dtype: str) -> dict[str, float]:

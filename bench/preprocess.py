@@ -134,6 +134,8 @@ def main() -> None:
     if not args.input:
         make_input(path, args.mb)
     mb = path.stat().st_size / 1e6
+    with open(path, "rb") as f:
+        n_docs = sum(1 for _ in f)
     enc = load_tokenizer("gpt2").encoding
     methods = {
         "plain loop (encode_ordinary)": lambda: {"tokens": plain_loop(path, enc)},
@@ -178,7 +180,7 @@ def main() -> None:
     record = {
         "benchmark": "preprocess", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "input": {"path": str(path), "mb": round(mb, 1), "documents": sum(1 for _ in open(path, "rb")),
+        "input": {"path": str(path), "mb": round(mb, 1), "documents": n_docs,
                   "tokens": tokens.pop(), "generated_from_sample": not args.input},
         "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
                      "load_avg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},

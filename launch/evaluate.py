@@ -30,14 +30,21 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch/evaluate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="launch/evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="checkpoint folder (iter_N) or checkpoint dir (its newest is used)")
     p.add_argument("files", nargs="*", help="token prefixes or raw text files")
-    p.add_argument("--split", default="all", choices=["all", "train", "valid", "test"],
-                   help="document range of token files (default: all)")
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "train", "valid", "test"],
+        help="document range of token files (default: all)",
+    )
     p.add_argument("--split-ratio", default=None, help="e.g. 969,30,1 (default: the checkpoint's data.split)")
-    p.add_argument("--seq-length", type=int, default=None, help="window length (default: the model's seq_length)")
+    p.add_argument(
+        "--seq-length", type=int, default=None, help="window length (default: the model's seq_length)"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--text-key", default="text", help="field of JSONL records holding the text")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -59,6 +66,8 @@ def check_args(args: argparse.Namespace) -> None:
     for f in args.files:
         if not (os.path.isfile(f) or os.path.isfile(f + ".bin") or os.path.isfile(f + ".idx")):
             raise UsageError(f"{f}: no such file (nor {f}.bin/.idx)")
+        if os.path.isfile(f) and os.path.getsize(f) == 0:
+            raise UsageError(f"{f}: empty file, no text to evaluate")
     if args.seq_length is not None and args.seq_length < 1:
         raise UsageError(f"--seq-length must be >= 1, got {args.seq_length}")
     if args.batch_size < 1:
@@ -94,20 +103,38 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        gen = Generator.from_checkpoint(args.checkpoint, device=device, dtype=getattr(torch, DTYPES[args.dtype]),
-                                        batch_size=args.batch_size)
+        gen = Generator.from_checkpoint(
+            args.checkpoint,
+            device=device,
+            dtype=getattr(torch, DTYPES[args.dtype]),
+            batch_size=args.batch_size,
+        )
         model, tokenizer = gen.model, gen.tokenizer
         seq_length = args.seq_length or model.args.seq_length
         if model.args.position_embedding != "rotary" and seq_length > model.args.max_positions:
-            raise EvalError(f"--seq-length {seq_length} exceeds the model's {model.args.max_positions} positions")
+            raise EvalError(
+                f"--seq-length {seq_length} exceeds the model's {model.args.max_positions} positions"
+            )
         ratio = args.split_ratio or _checkpoint_split(args.checkpoint) or "969,30,1"
-        print(f"neo: evaluating {args.checkpoint} on {device}, windows of {seq_length} tokens", file=sys.stderr,
-              flush=True)
+        print(
+            f"neo: evaluating {args.checkpoint} on {device}, windows of {seq_length} tokens",
+            file=sys.stderr,
+            flush=True,
+        )
         results: list[EvalResult] = []
         byte_lengths = token_byte_lengths(tokenizer) if any(_is_prefix(f) for f in args.files) else None
         for f in args.files:
-            r = evaluate_path(model, tokenizer, f, seq_length=seq_length, batch_size=args.batch_size,
-                              split=args.split, split_ratio=ratio, text_key=args.text_key, byte_lengths=byte_lengths)
+            r = evaluate_path(
+                model,
+                tokenizer,
+                f,
+                seq_length=seq_length,
+                batch_size=args.batch_size,
+                split=args.split,
+                split_ratio=ratio,
+                text_key=args.text_key,
+                byte_lengths=byte_lengths,
+            )
             print(f"neo: {r.name}: {r.tokens:,} tokens, loss {r.loss:.4f}", file=sys.stderr, flush=True)
             results.append(r)
         report: dict = {"checkpoint": args.checkpoint, "seq_length": seq_length}
@@ -124,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, default=str)
     if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "lm_eval"} |
-                         ({"lm_eval": report["lm_eval"]["results"]} if "lm_eval" in report else {}), default=str))
+        print(
+            json.dumps(
+                {k: v for k, v in report.items() if k != "lm_eval"}
+                | ({"lm_eval": report["lm_eval"]["results"]} if "lm_eval" in report else {}),
+                default=str,
+            )
+        )
     else:
         if results:
             print(format_table(results))
@@ -157,12 +189,21 @@ def _run_lm_eval(gen, args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:
-        out = run_tasks(lm, tasks, include_path=args.include_path or None, limit=limit,
-                        num_fewshot=args.num_fewshot, log_samples=False)
+        out = run_tasks(
+            lm,
+            tasks,
+            include_path=args.include_path or None,
+            limit=limit,
+            num_fewshot=args.num_fewshot,
+            log_samples=False,
+        )
     except ValueError as e:
         raise EvalError(str(e)) from None
-    return {k: out[k] for k in ("results", "versions", "n-shot", "configs", "higher_is_better", "group_subtasks")
-            if k in out}
+    return {
+        k: out[k]
+        for k in ("results", "versions", "n-shot", "configs", "higher_is_better", "group_subtasks")
+        if k in out
+    }
 
 
 if __name__ == "__main__":

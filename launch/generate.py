@@ -2,7 +2,7 @@
 """Generate text from a neo checkpoint (any tp/pp layout it was saved with; runs in one process).
 
     python launch/generate.py runs/quickstart/checkpoints --prompt "It is a truth" --max-new-tokens 50
-    python launch/generate.py CKPT --prompt-file prompts.txt --output out.jsonl   # one prompt per line (or JSONL)
+    python launch/generate.py CKPT --prompt-file prompts.txt --output out.jsonl   # a prompt per line, or JSONL
     python launch/generate.py CKPT --interactive                                  # a prompt per line on stdin
 
 Only generated text goes to stdout (JSONL for --prompt-file); logs go to stderr.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,28 +28,44 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch/generate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="launch/generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="checkpoint folder (iter_N) or checkpoint dir (its newest is used)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one prompt ('' starts a fresh document)")
-    src.add_argument("--prompt-file", help="prompts: one per line, or .jsonl lines with a 'prompt' field (or strings)")
+    src.add_argument(
+        "--prompt-file", help="prompts: one per line, or .jsonl lines with a 'prompt' field (or strings)"
+    )
     src.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--output", help="with --prompt-file: write the JSONL here instead of stdout")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the top tokens with mass >= p (1 = off)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus: keep the top tokens with mass >= p (1 = off)"
+    )
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, logged on stderr)")
-    p.add_argument("--stop", action="append", default=[], help="stop when the text contains this (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="stop when the text contains this (repeatable; \\n and \\t mean newline and tab)",
+    )
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
     p.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (--prompt-file)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="cap on prompt + new tokens (rotary models may exceed their training length)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (slow; testing)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="cap on prompt + new tokens (rotary models may exceed their training length)",
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole prefix every step (slow; testing)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on GPU")
     return p
@@ -68,8 +85,14 @@ def read_prompts(path: str) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
-                raise UsageError(f"{path}:{n}: not JSON; expected {{\"prompt\": \"...\"}} per line") from None
-            text = obj if isinstance(obj, str) else obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
+                raise UsageError(f'{path}:{n}: not JSON; expected {{"prompt": "..."}} per line') from None
+            text = (
+                obj
+                if isinstance(obj, str)
+                else obj.get("prompt", obj.get("text"))
+                if isinstance(obj, dict)
+                else None
+            )
             if not isinstance(text, str):
                 raise UsageError(f"{path}:{n}: expected a string or an object with a 'prompt' string")
             prompts.append(text)
@@ -80,17 +103,35 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def unescape(text: str) -> str:
+    """\\n, \\t and \\\\ as typed in a shell become newline, tab and backslash; anything else stays."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
 def sampling_params(args: argparse.Namespace):
     from neo.generate import GenerationError, SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
-                            seed=args.seed, stop=tuple(args.stop), stop_at_eod=not args.ignore_eod)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        greedy=args.greedy,
+        seed=args.seed,
+        stop=tuple(unescape(x) for x in args.stop),
+        stop_at_eod=not args.ignore_eod,
+    )
     try:
         params.validate()
     except GenerationError as e:
-        raise UsageError(str(e).replace("max_new_tokens", "--max-new-tokens").replace("top_p", "--top-p")
-                         .replace("top_k", "--top-k").replace("repetition_penalty", "--repetition-penalty")) from None
+        raise UsageError(
+            str(e)
+            .replace("max_new_tokens", "--max-new-tokens")
+            .replace("top_p", "--top-p")
+            .replace("top_k", "--top-k")
+            .replace("repetition_penalty", "--repetition-penalty")
+        ) from None
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     return params
@@ -118,13 +159,24 @@ def main(argv: list[str] | None = None) -> int:
     from neo.train.checkpoint import CheckpointError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
-                                                                   else torch.float32)
+    dtype = (
+        getattr(torch, DTYPES[args.dtype])
+        if args.dtype
+        else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    )
     try:
-        gen = Generator.from_checkpoint(args.checkpoint, device=device, dtype=dtype, max_length=args.max_length,
-                                        batch_size=args.batch_size)
-        print(f"neo: loaded {args.checkpoint} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr,
-              flush=True)
+        gen = Generator.from_checkpoint(
+            args.checkpoint,
+            device=device,
+            dtype=dtype,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+        )
+        print(
+            f"neo: loaded {args.checkpoint} on {device} ({str(dtype).replace('torch.', '')})",
+            file=sys.stderr,
+            flush=True,
+        )
         if args.prompt is not None:
             (result,), _ = generate_text(gen, [args.prompt], params, use_cache=not args.no_cache)
             print((args.prompt if args.echo else "") + result.text, flush=True)
@@ -133,8 +185,18 @@ def main(argv: list[str] | None = None) -> int:
             out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
             try:
                 for prompt, r in zip(prompts, results):
-                    out.write(json.dumps({"prompt": prompt, "text": r.text, "tokens": len(r.tokens),
-                                          "finish_reason": r.finish_reason}, ensure_ascii=False) + "\n")
+                    out.write(
+                        json.dumps(
+                            {
+                                "prompt": prompt,
+                                "text": r.text,
+                                "tokens": len(r.tokens),
+                                "finish_reason": r.finish_reason,
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
             finally:
                 if out is not sys.stdout:
                     out.close()

@@ -61,21 +61,32 @@ class EvalResult:
         return self.nll / math.log(2) / self.bytes if self.bytes else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+        return {
+            **asdict(self),
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+        }
 
     @staticmethod
     def total(results: list[EvalResult], name: str = "total") -> EvalResult:
         known = all(r.bytes is not None for r in results)
-        return EvalResult(name, sum(r.tokens for r in results), sum(r.nll for r in results),
-                          sum(r.bytes for r in results) if known else None, sum(r.documents for r in results))
+        return EvalResult(
+            name,
+            sum(r.tokens for r in results),
+            sum(r.nll for r in results),
+            sum(r.bytes for r in results) if known else None,
+            sum(r.documents for r in results),
+        )
 
 
 # ------------------------------------------------------------------------------------------------- scoring
 
 
 @torch.inference_mode()
-def token_nll(model: torch.nn.Module, stream: np.ndarray | torch.Tensor, seq_length: int, *,
-              batch_size: int = 8) -> tuple[float, int]:
+def token_nll(
+    model: torch.nn.Module, stream: np.ndarray | torch.Tensor, seq_length: int, *, batch_size: int = 8
+) -> tuple[float, int]:
     """(sum of -log p(token | window prefix), tokens scored) over ``stream[1:]``, windows of ``seq_length``.
 
     The log-softmax is taken in fp32 over the model's whole (padded) vocabulary, as the training loss
@@ -86,17 +97,28 @@ def token_nll(model: torch.nn.Module, stream: np.ndarray | torch.Tensor, seq_len
     if n < 1:
         return 0.0, 0
     device = next(model.parameters()).device
+    batch_size = rows_per_batch(batch_size, seq_length, model.args.vocab_size)
     starts = list(range(0, n, seq_length))
     total = 0.0
     full = [s for s in starts if s + seq_length <= n]
     for i in range(0, len(full), batch_size):
-        idx = torch.tensor(full[i:i + batch_size])[:, None] + torch.arange(seq_length + 1)
+        idx = torch.tensor(full[i : i + batch_size])[:, None] + torch.arange(seq_length + 1)
         window = stream[idx].to(device)
         total += _nll(model, window[:, :-1], window[:, 1:])
-    for s in starts[len(full):]:  # the last, shorter window
-        window = stream[s:n + 1][None].to(device)
+    for s in starts[len(full) :]:  # the last, shorter window
+        window = stream[s : n + 1][None].to(device)
         total += _nll(model, window[:, :-1], window[:, 1:])
     return total, n
+
+
+LOGITS_BUDGET = (
+    1 << 27
+)  # fp32 logits elements per forward (512 MiB): a 2k context x 50k vocab is 400 MiB a row
+
+
+def rows_per_batch(batch_size: int, seq_length: int, vocab_size: int) -> int:
+    """``batch_size``, lowered so one forward's fp32 logits stay within LOGITS_BUDGET (at least one row)."""
+    return max(1, min(batch_size, LOGITS_BUDGET // max(1, seq_length * vocab_size)))
 
 
 def _nll(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -149,9 +171,11 @@ def token_file_stream(prefix: str, split: str, split_ratio: str, eod_id: int) ->
     data = IndexedTokens(prefix)
     lo, hi = split_documents(len(data), split, split_ratio)
     if hi <= lo:
-        raise EvalError(f"{prefix}: the {split} split of ratio {split_ratio} has no documents "
-                        f"({len(data)} in the file); choose another --split or --split-ratio")
-    tokens = np.asarray(data.tokens[int(data.offsets[lo]):int(data.offsets[hi])], dtype=np.int64)
+        raise EvalError(
+            f"{prefix}: the {split} split of ratio {split_ratio} has no documents "
+            f"({len(data)} in the file); choose another --split or --split-ratio"
+        )
+    tokens = np.asarray(data.tokens[int(data.offsets[lo]) : int(data.offsets[hi])], dtype=np.int64)
     return np.concatenate([[eod_id], tokens]), hi - lo
 
 
@@ -179,8 +203,10 @@ def read_documents(path: str, text_key: str = "text") -> Iterator[str]:
                     try:
                         text = json.loads(line)[text_key]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise EvalError(f"{path}:{n}: expected a JSON object with a {text_key!r} string "
-                                        "(choose the field with --text-key)") from None
+                        raise EvalError(
+                            f"{path}:{n}: expected a JSON object with a {text_key!r} string "
+                            "(choose the field with --text-key)"
+                        ) from None
                     if not isinstance(text, str):
                         raise EvalError(f"{path}:{n}: {text_key!r} is not a string")
                     if text:
@@ -190,7 +216,9 @@ def read_documents(path: str, text_key: str = "text") -> Iterator[str]:
                 if text:
                     yield text
     except UnicodeDecodeError as e:
-        raise EvalError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
+        raise EvalError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode it as UTF-8"
+        ) from None
 
 
 def text_stream(docs: list[str], tokenizer) -> tuple[np.ndarray, int]:
@@ -204,15 +232,32 @@ def text_stream(docs: list[str], tokenizer) -> tuple[np.ndarray, int]:
     return np.concatenate(parts), nbytes
 
 
-def evaluate_stream(model: torch.nn.Module, name: str, stream: np.ndarray, nbytes: int | None, documents: int, *,
-                    seq_length: int, batch_size: int = 8) -> EvalResult:
+def evaluate_stream(
+    model: torch.nn.Module,
+    name: str,
+    stream: np.ndarray,
+    nbytes: int | None,
+    documents: int,
+    *,
+    seq_length: int,
+    batch_size: int = 8,
+) -> EvalResult:
     nll, n = token_nll(model, stream, seq_length, batch_size=batch_size)
     return EvalResult(name, n, nll, nbytes, documents)
 
 
-def evaluate_path(model: torch.nn.Module, tokenizer, path: str, *, seq_length: int, batch_size: int = 8,
-                  split: str = "all", split_ratio: str = "969,30,1", text_key: str = "text",
-                  byte_lengths: np.ndarray | None = None) -> EvalResult:
+def evaluate_path(
+    model: torch.nn.Module,
+    tokenizer,
+    path: str,
+    *,
+    seq_length: int,
+    batch_size: int = 8,
+    split: str = "all",
+    split_ratio: str = "969,30,1",
+    text_key: str = "text",
+    byte_lengths: np.ndarray | None = None,
+) -> EvalResult:
     """Evaluate a token file prefix (one split of it) or a raw text / JSONL file."""
     prefix = is_token_file(path)
     if prefix is not None:
@@ -220,8 +265,10 @@ def evaluate_path(model: torch.nn.Module, tokenizer, path: str, *, seq_length: i
 
         data = IndexedTokens(prefix)
         if data.tokenizer and data.tokenizer != getattr(tokenizer, "name", data.tokenizer):
-            raise EvalError(f"{prefix} was tokenized with {data.tokenizer!r}, the model uses {tokenizer.name!r}; "
-                            "re-run preprocessing with the model's tokenizer")
+            raise EvalError(
+                f"{prefix} was tokenized with {data.tokenizer!r}, the model uses {tokenizer.name!r}; "
+                "re-run preprocessing with the model's tokenizer"
+            )
         stream, docs = token_file_stream(prefix, split, split_ratio, tokenizer.eod_id)
         if byte_lengths is None:
             byte_lengths = token_byte_lengths(tokenizer)
@@ -229,21 +276,29 @@ def evaluate_path(model: torch.nn.Module, tokenizer, path: str, *, seq_length: i
             raise EvalError(f"{prefix}: token id {int(stream.max())} is outside the tokenizer's vocabulary")
         nbytes = int(byte_lengths[stream].sum())
         name = prefix if split == "all" else f"{prefix} [{split} of {split_ratio}]"
-        return evaluate_stream(model, name, stream, nbytes, docs, seq_length=seq_length, batch_size=batch_size)
+        return evaluate_stream(
+            model, name, stream, nbytes, docs, seq_length=seq_length, batch_size=batch_size
+        )
     docs = list(read_documents(path, text_key))
     if not docs:
         raise EvalError(f"{path}: no text to evaluate (empty file)")
     stream, nbytes = text_stream(docs, tokenizer)
-    return evaluate_stream(model, path, stream, nbytes, len(docs), seq_length=seq_length, batch_size=batch_size)
+    return evaluate_stream(
+        model, path, stream, nbytes, len(docs), seq_length=seq_length, batch_size=batch_size
+    )
 
 
 def format_table(results: list[EvalResult]) -> str:
     """A fixed-width table: one row per input (and a total when there are several)."""
     rows = results + ([EvalResult.total(results)] if len(results) > 1 else [])
     width = max(len("input"), *(len(r.name) for r in rows))
-    lines = [f"{'input':<{width}}  {'docs':>6}  {'tokens':>12}  {'loss':>8}  {'perplexity':>12}  {'bits/byte':>9}"]
+    lines = [
+        f"{'input':<{width}}  {'docs':>6}  {'tokens':>12}  {'loss':>8}  {'perplexity':>12}  {'bits/byte':>9}"
+    ]
     for r in rows:
         bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "-"
-        lines.append(f"{r.name:<{width}}  {r.documents:>6}  {r.tokens:>12,}  {r.loss:>8.4f}  {r.perplexity:>12.3f}  "
-                     f"{bpb:>9}")
+        lines.append(
+            f"{r.name:<{width}}  {r.documents:>6}  {r.tokens:>12,}  {r.loss:>8.4f}  {r.perplexity:>12.3f}  "
+            f"{bpb:>9}"
+        )
     return "\n".join(lines)

@@ -72,7 +72,9 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if not self.repetition_penalty > 0:
-            raise GenerationError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+            raise GenerationError(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
 
@@ -128,8 +130,12 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The next token of each row from logits [b, V] (already cut to the real vocabulary)."""
     logits = logits.float()
     if seen is not None:
@@ -145,16 +151,17 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 # ---------------------------------------------------------------------------------- batching helpers
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [b, P] padded on the left with ``pad_id``, and valid [b, P] (True at real tokens)."""
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     valid = torch.zeros((len(prompts), width), dtype=torch.bool)
     for i, p in enumerate(prompts):
         if p:
-            tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            valid[i, width - len(p):] = True
+            tokens[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            valid[i, width - len(p) :] = True
     return tokens.to(device), valid.to(device)
 
 
@@ -167,14 +174,15 @@ def attention_mask(valid: torch.Tensor, queries: int) -> torch.Tensor:
     """[b, 1, queries, total] bool mask for the last ``queries`` positions of ``valid`` [b, total].
 
     Causal, and padded keys are hidden. A padded query also sees itself: a row of the mask with no
-    True gives NaN in attention, which would reach the real tokens through the cached keys of later
-    layers (0 x NaN is NaN); attending to itself keeps the pad's (unused) values finite.
+    True gives NaN in some attention kernels (torch's CPU kernels return 0), and a NaN would reach the
+    real tokens through the cached keys of later layers (0 x NaN is NaN); attending to itself keeps the
+    pad's (unused) values finite everywhere.
     """
     total = valid.shape[-1]
     causal = torch.ones(queries, total, dtype=torch.bool, device=valid.device).tril(total - queries)
     mask = causal & valid[:, None, None, :]
     diag = torch.zeros(queries, total, dtype=torch.bool, device=valid.device)
-    diag[:, total - queries:] = torch.eye(queries, dtype=torch.bool, device=valid.device)
+    diag[:, total - queries :] = torch.eye(queries, dtype=torch.bool, device=valid.device)
     return mask | (diag & ~valid[:, None, None, :])
 
 
@@ -192,6 +200,17 @@ def forward_last(model: torch.nn.Module, tokens: torch.Tensor, ctx: Context) -> 
 
 
 # ------------------------------------------------------------------------------------------- generator
+
+
+def resolve_checkpoint(path: str) -> str:
+    """``path`` itself, or ``path/checkpoints`` when ``path`` is a run's logging dir (runs/quickstart):
+    the folder a user has in mind after training is the run's, not the checkpoint dir inside it."""
+    from neo.train.checkpoint import META, find_latest
+
+    inner = os.path.join(path, "checkpoints")
+    if not os.path.isfile(os.path.join(path, META)) and find_latest(path) is None and find_latest(inner):
+        return inner
+    return path
 
 
 class _StopScanner:
@@ -217,17 +236,27 @@ class Generator:
     Prompt + generated tokens may not exceed the position table of a model with learned or
     sinusoidal positions. Rotary models have no such table: they may run past their training length
     (quality falls off there; a warning says so), up to ``max_length`` when one is given.
+    ``batch_size`` prompts are decoded together.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int | None = None,
-                 batch_size: int = 8):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        preallocate: bool = True,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.args = model.args
         self.device = next(model.parameters()).device
         self.vocab_size = int(tokenizer.vocab_size)
         if self.vocab_size > self.args.vocab_size:
-            raise GenerationError(f"tokenizer has {self.vocab_size} tokens, the model only {self.args.vocab_size}")
+            raise GenerationError(
+                f"tokenizer has {self.vocab_size} tokens, the model only {self.args.vocab_size}"
+            )
         self.trained_length = self.args.max_positions
         hard = self.trained_length if self.args.position_embedding != "rotary" else None
         if hard is not None and max_length is not None and max_length > hard:
@@ -235,17 +264,21 @@ class Generator:
         self.max_length = max_length or hard
         self._warned = False
         self.batch_size = batch_size
+        self.preallocate = (
+            preallocate  # False: a concatenating KV cache (kept for the benchmark's comparison)
+        )
         self.last_seed: int | None = None
         self._bytes_cache: dict[int, bytes] = {}
 
     @classmethod
-    def from_checkpoint(cls, path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        **kwargs) -> Generator:
+    def from_checkpoint(
+        cls, path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs
+    ) -> Generator:
         """Load a checkpoint folder (or a checkpoint dir: its newest) saved with any tp/pp layout."""
         from neo.data.tokenizer import load_tokenizer
         from neo.train.checkpoint import load_model
 
-        model, _, meta = load_model(path, device=device, dtype=dtype)
+        model, _, meta = load_model(resolve_checkpoint(path), device=device, dtype=dtype)
         spec = meta.get("tokenizer_spec") or meta.get("tokenizer")
         if not spec:
             raise GenerationError(f"checkpoint {path} does not record its tokenizer")
@@ -258,16 +291,22 @@ class Generator:
         ids = self.tokenizer.encode(prompt)
         return ids if ids else [self.tokenizer.eod_id]
 
-    def generate(self, prompts: list[str] | str, params: SamplingParams | None = None, *,
-                 use_cache: bool = True) -> list[Generation]:
+    def generate(
+        self, prompts: list[str] | str, params: SamplingParams | None = None, *, use_cache: bool = True
+    ) -> list[Generation]:
         """One Generation per prompt, batched ``batch_size`` at a time (longest first, less padding)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = [self.encode_prompt(p) for p in prompts]
         return self.generate_ids(ids, params, use_cache=use_cache)
 
-    def generate_ids(self, prompts: list[list[int]], params: SamplingParams | None = None, *,
-                     use_cache: bool = True) -> list[Generation]:
+    def generate_ids(
+        self, prompts: list[list[int]], params: SamplingParams | None = None, *, use_cache: bool = True
+    ) -> list[Generation]:
+        """One Generation per prompt of token ids (the API under ``generate``, for callers that tokenize).
+
+        One random generator, seeded once, serves all batches, so a seed reproduces the whole call.
+        """
         params = params or SamplingParams()
         params.validate()
         if not prompts:
@@ -280,7 +319,7 @@ class Generator:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[Generation | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
+            rows = order[start : start + self.batch_size]
             for i, g in zip(rows, self._batch([prompts[i] for i in rows], params, generator, use_cache)):
                 results[i] = g
         return results  # type: ignore[return-value]
@@ -291,23 +330,33 @@ class Generator:
         b = self._bytes_cache.get(t)
         if b is None:
             enc = getattr(self.tokenizer, "encoding", None)
-            b = (enc.decode_single_token_bytes(t) if enc is not None
-                 else self.tokenizer.decode([t]).encode("utf-8"))
+            b = (
+                enc.decode_single_token_bytes(t)
+                if enc is not None
+                else self.tokenizer.decode([t]).encode("utf-8")
+            )
             self._bytes_cache[t] = b
         return b
 
     @torch.inference_mode()
-    def _batch(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
-               use_cache: bool) -> list[Generation]:
+    def _batch(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator, use_cache: bool
+    ) -> list[Generation]:
         b, width = len(prompts), max(len(p) for p in prompts)
         new = params.max_new_tokens
         if self.max_length is not None and width + new > self.max_length:
-            raise GenerationError(f"prompt of {width} tokens + max_new_tokens {new} exceeds the model's length "
-                                  f"{self.max_length}; shorten the prompt or lower max_new_tokens")
+            raise GenerationError(
+                f"prompt of {width} tokens + max_new_tokens {new} exceeds the model's length "
+                f"{self.max_length}; shorten the prompt or lower max_new_tokens"
+            )
         if width + new > self.trained_length and not self._warned:
             self._warned = True
-            print(f"neo: warning: prompt + max_new_tokens = {width + new} positions, the model was trained on "
-                  f"{self.trained_length}; text past that length may degrade", file=sys.stderr, flush=True)
+            print(
+                f"neo: warning: prompt + max_new_tokens = {width + new} positions, the model was trained on "
+                f"{self.trained_length}; text past that length may degrade",
+                file=sys.stderr,
+                flush=True,
+            )
         eod, device = self.tokenizer.eod_id, self.device
         tokens, valid = left_pad(prompts, eod, device)
         padded = not bool(valid.all())
@@ -318,19 +367,23 @@ class Generator:
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros((b, self.vocab_size), dtype=torch.bool, device=device)
-            seen.scatter_(1, tokens.clamp(max=self.vocab_size - 1), valid[:, :width])
-        cache = KVCache(max_length=width + new) if use_cache else None
+            rows, cols = valid[:, :width].nonzero(as_tuple=True)  # real prompt tokens only, not the pads
+            seen[rows, tokens[rows, cols].clamp(max=self.vocab_size - 1)] = True
+        cache = KVCache(max_length=width + new if self.preallocate else None) if use_cache else None
         scanner = _StopScanner(self._token_bytes, params.stop)
         texts = [bytearray() for _ in range(b)]
         out: list[list[int]] = [[] for _ in range(b)]
         reasons: list[str | None] = [None] * b
         cuts: list[int | None] = [None] * b
         cur = width
-        ctx = Context(positions=positions[:, :cur], cache=cache,
-                      mask=attention_mask(valid[:, :cur], cur) if padded else None)
+        ctx = Context(
+            positions=positions[:, :cur],
+            cache=cache,
+            mask=attention_mask(valid[:, :cur], cur) if padded else None,
+        )
         logits = forward_last(self.model, seq[:, :cur], ctx)
         for step in range(new):
-            nxt = next_tokens(logits[:, :self.vocab_size], params, generator, seen)
+            nxt = next_tokens(logits[:, : self.vocab_size], params, generator, seen)
             seq[:, cur] = nxt
             if seen is not None:
                 seen[torch.arange(b, device=device), nxt] = True
@@ -350,27 +403,44 @@ class Generator:
             if all(r is not None for r in reasons) or step == new - 1:
                 break
             if use_cache:
-                ctx = Context(positions=positions[:, cur - 1:cur], cache=cache,
-                              mask=valid[:, None, None, :cur] if padded else None)
-                logits = forward_last(self.model, seq[:, cur - 1:cur], ctx)
+                ctx = Context(
+                    positions=positions[:, cur - 1 : cur],
+                    cache=cache,
+                    mask=valid[:, None, None, :cur] if padded else None,
+                )
+                logits = forward_last(self.model, seq[:, cur - 1 : cur], ctx)
             else:
-                ctx = Context(positions=positions[:, :cur], mask=attention_mask(valid[:, :cur], cur) if padded else None)
+                ctx = Context(
+                    positions=positions[:, :cur], mask=attention_mask(valid[:, :cur], cur) if padded else None
+                )
                 logits = forward_last(self.model, seq[:, :cur], ctx)
         results = []
         for i in range(b):
-            text = bytes(texts[i][:cuts[i]] if cuts[i] is not None else texts[i]).decode("utf-8", errors="replace")
-            results.append(Generation(text=text, tokens=out[i], finish_reason=reasons[i] or "length",
-                                      prompt_tokens=len(prompts[i])))
+            text = bytes(texts[i][: cuts[i]] if cuts[i] is not None else texts[i]).decode(
+                "utf-8", errors="replace"
+            )
+            results.append(
+                Generation(
+                    text=text,
+                    tokens=out[i],
+                    finish_reason=reasons[i] or "length",
+                    prompt_tokens=len(prompts[i]),
+                )
+            )
         return results
 
 
-def generate_text(generator: Generator, prompts: list[str], params: SamplingParams, *,
-                  use_cache: bool = True) -> tuple[list[Generation], float]:
+def generate_text(
+    generator: Generator, prompts: list[str], params: SamplingParams, *, use_cache: bool = True
+) -> tuple[list[Generation], float]:
     """Generate and time it; logs throughput on stderr (stdout is reserved for generated text)."""
     t0 = time.perf_counter()
     results = generator.generate(prompts, params, use_cache=use_cache)
     dt = time.perf_counter() - t0
     n = sum(len(r.tokens) for r in results)
-    print(f"neo: {n} tokens in {dt:.2f} s ({n / max(dt, 1e-9):.1f} tokens/s), seed {generator.last_seed}",
-          file=sys.stderr, flush=True)
+    print(
+        f"neo: {n} tokens in {dt:.2f} s ({n / max(dt, 1e-9):.1f} tokens/s), seed {generator.last_seed}",
+        file=sys.stderr,
+        flush=True,
+    )
     return results, dt

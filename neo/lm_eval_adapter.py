@@ -33,19 +33,36 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("lm-eval is not installed: pip install 'lm-eval>=0.4.13' (the neo[eval] extra)") from e
 
+from neo.evaluate import rows_per_batch
 from neo.generate import Generator, SamplingParams
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
 
 
 @register_model("neo")
 class NeoLM(TemplateLM):
     """A neo checkpoint (any tp/pp layout) as an lm_eval language model, in one process."""
 
-    def __init__(self, checkpoint: str | None = None, *, generator: Generator | None = None, batch_size: int | str = 8,
-                 device: str | None = None, dtype: str | torch.dtype | None = None, max_length: int | None = None,
-                 **_ignored) -> None:
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        *,
+        generator: Generator | None = None,
+        batch_size: int | str = 8,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_length: int | None = None,
+        **_ignored,
+    ) -> None:
         super().__init__()
         if generator is None:
             if checkpoint is None:
@@ -84,30 +101,33 @@ class NeoLM(TemplateLM):
     # -- scoring
 
     @torch.inference_mode()
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """(log p(continuation | context), greedy?) for (key, context ids, continuation ids) requests."""
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
+        step = rows_per_batch(self.batch_size, self.max_length, self.model.args.vocab_size)
+        for start in range(0, len(order), step):
+            rows = order[start : start + step]
             seqs, conts = [], []
             for i in rows:
                 _, ctx, cont = requests[i]
                 if not ctx or not cont:
                     raise ValueError("loglikelihood request with an empty context or continuation")
-                seqs.append((ctx + cont)[-(self.max_length + 1):])
+                seqs.append((ctx + cont)[-(self.max_length + 1) :])
                 conts.append(len(cont))
             width = max(len(s) - 1 for s in seqs)
             # Right padding: causal attention keeps each row's real positions blind to the pads after them.
             inputs = torch.zeros((len(rows), width), dtype=torch.long)
             for r, s in enumerate(seqs):
-                inputs[r, :len(s) - 1] = torch.tensor(s[:-1])
+                inputs[r, : len(s) - 1] = torch.tensor(s[:-1])
             logits = self.model(inputs.to(self._device)).float()
             logprobs = F.log_softmax(logits, dim=-1)
             for r, (i, s, n) in enumerate(zip(rows, seqs, conts)):
                 end = len(s) - 1
                 target = torch.tensor(s[-n:], device=self._device)
-                lp = logprobs[r, end - n:end]
+                lp = logprobs[r, end - n : end]
                 answer = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
                 results[i] = answer
                 if requests[i][0] is not None:
@@ -118,9 +138,15 @@ class NeoLM(TemplateLM):
         windows, owner = [], []
         for n, req in enumerate(requests):
             (text,) = req.args
-            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, ctx, cont))
                 owner.append(n)
         totals = [0.0] * len(requests)
@@ -147,19 +173,32 @@ class NeoLM(TemplateLM):
         return out  # type: ignore[return-value]
 
     def _params(self, kwargs: dict) -> SamplingParams:
-        """lm_eval's gen_kwargs (until, max_gen_toks, do_sample, temperature, top_k, top_p) as SamplingParams."""
+        """lm_eval's gen_kwargs (until, max_gen_toks, do_sample, temperature, top_k, top_p) as neo's."""
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         do_sample = bool(kwargs.get("do_sample", False))
         temperature = float(kwargs.get("temperature", 1.0 if do_sample else 0.0))
-        return SamplingParams(max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
-                              temperature=temperature if do_sample else 0.0, greedy=not do_sample or temperature == 0,
-                              top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
-                              seed=kwargs.get("seed", 1234), stop=tuple(u for u in until if u), stop_at_eod=True)
+        return SamplingParams(
+            max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+            temperature=temperature if do_sample else 0.0,
+            greedy=not do_sample or temperature == 0,
+            top_k=int(kwargs.get("top_k") or 0),
+            top_p=float(kwargs.get("top_p") or 1.0),
+            seed=kwargs.get("seed", 1234),
+            stop=tuple(u for u in until if u),
+            stop_at_eod=True,
+        )
 
 
-def run_tasks(lm: NeoLM, tasks: list[str], *, include_path: list[str] | None = None, limit: float | None = None,
-              num_fewshot: int | None = None, **kwargs) -> dict:
+def run_tasks(
+    lm: NeoLM,
+    tasks: list[str],
+    *,
+    include_path: list[str] | None = None,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    **kwargs,
+) -> dict:
     """lm_eval.simple_evaluate on ``lm``; ``include_path`` adds folders of local YAML tasks."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -167,6 +206,15 @@ def run_tasks(lm: NeoLM, tasks: list[str], *, include_path: list[str] | None = N
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks and not t.endswith((".yaml", ".yml"))]
     if unknown:
-        raise ValueError(f"unknown lm_eval task(s) {', '.join(unknown)}; local YAML tasks need --include-path DIR")
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                           batch_size=lm.batch_size, **kwargs)
+        raise ValueError(
+            f"unknown lm_eval task(s) {', '.join(unknown)}; local YAML tasks need --include-path DIR"
+        )
+    return simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=lm.batch_size,
+        **kwargs,
+    )

@@ -29,21 +29,36 @@ from neo.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "lm_eval"
-DOCS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife.",
-        "Caf\u00e9 na\u00efve \u2014 \u00ab d\u00e9j\u00e0 vu \u00bb, \u65e5\u672c, and an emoji \U0001f600 for "
-        "multi-byte characters.",
-        "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to unite "
-        "some of the best blessings of existence; and had lived nearly twenty-one years in the world with very "
-        "little to distress or vex her.",
-        "Short.", "The family of Dashwood had long been settled in Sussex.\nTheir estate was large.\n"]
+DOCS = [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife.",
+    "Caf\u00e9 na\u00efve \u2014 \u00ab d\u00e9j\u00e0 vu \u00bb, \u65e5\u672c, and an emoji \U0001f600 for "
+    "multi-byte characters.",
+    "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to "
+    "unite some of the best blessings of existence; and had lived nearly twenty-one years in the world "
+    "with very little to distress or vex her.",
+    "Short.",
+    "The family of Dashwood had long been settled in Sussex.\nTheir estate was large.\n",
+]
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", HF_DATASETS_OFFLINE="1")
+    env = dict(
+        os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1"
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     return env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP threads that
+    wait on each other's core run several times slower than one (measured: 26 s vs 3 s for two tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_checkpoint(tmp_path_factory) -> Path:
@@ -53,15 +68,47 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     if (ckpt / "latest").is_file():
         return ckpt
     tokens = root / "tokens" / "sample"
-    subprocess.run([sys.executable, str(ROOT / "launch" / "preprocess.py"), str(ROOT / "data" / "sample" /
-                    "austen.jsonl.gz"), "--output", str(tokens), "--workers", "2"],
-                   check=True, capture_output=True, text=True, timeout=300)
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), str(ROOT / "ds_configs" / "models" /
-                           "tiny.yml"), "--set", f"data.train_paths=[{tokens}]", "--set", "schedule.iterations=20",
-                           "--set", "optimizer.lr=1e-2", "--set", f"logging.dir={root / 'run'}", "--set",
-                           "eval.interval=0"], capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "preprocess.py"),
+            str(ROOT / "data" / "sample" / "austen.jsonl.gz"),
+            "--output",
+            str(tokens),
+            "--workers",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "train.py"),
+            str(ROOT / "ds_configs" / "models" / "tiny.yml"),
+            "--set",
+            f"data.train_paths=[{tokens}]",
+            "--set",
+            "schedule.iterations=20",
+            "--set",
+            "optimizer.lr=1e-2",
+            "--set",
+            f"logging.dir={root / 'run'}",
+            "--set",
+            "eval.interval=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=ROOT,
+    )
     # gloo may abort at interpreter exit after everything is saved; the published checkpoint is what counts.
-    assert (ckpt / "latest").is_file(), f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    assert (ckpt / "latest").is_file(), (
+        f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    )
     return ckpt
 
 
@@ -80,16 +127,39 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     """DOCS as JSONL, and the same file through the preprocessing CLI (.bin/.idx)."""
     d = tmp_path_factory.mktemp("corpus")
     (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS), encoding="utf-8")
-    subprocess.run([sys.executable, str(ROOT / "launch" / "preprocess.py"), str(d / "docs.jsonl"), "--output",
-                    str(d / "docs"), "--workers", "1"], check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "preprocess.py"),
+            str(d / "docs.jsonl"),
+            "--output",
+            str(d / "docs"),
+            "--workers",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return d / "docs.jsonl", d / "docs"
 
 
 def random_model(seq_length: int = 64) -> GPT:
     """Wide logit gaps (init std 0.3); the padded vocabulary rows are zero, so neither neo nor transformers
     would pick them (HFLM's greedy search does not know about the padding)."""
-    model = GPT(ModelArgs(n_layers=2, hidden_size=64, n_heads=4, seq_length=seq_length, vocab_size=50304,
-                          init_method="normal", init_std=0.3), seed=7).eval()
+    model = GPT(
+        ModelArgs(
+            n_layers=2,
+            hidden_size=64,
+            n_heads=4,
+            seq_length=seq_length,
+            vocab_size=50304,
+            init_method="normal",
+            init_std=0.3,
+        ),
+        seed=7,
+    ).eval()
     with torch.no_grad():
         model.layers[-1].embed_out.weight[50257:] = 0
     return model
@@ -120,7 +190,7 @@ def test_loss_equals_transformers_on_hand_cut_windows(tokenizer, seq_length):
     ref = 0.0
     with torch.no_grad():
         for s in range(0, len(stream) - 1, seq_length):
-            w = torch.tensor(stream[s:s + seq_length + 1])
+            w = torch.tensor(stream[s : s + seq_length + 1])
             logits = hf(w[None, :-1]).logits[0].double()
             ref += F.cross_entropy(logits, w[1:], reduction="sum").item()
     assert nll == pytest.approx(ref, rel=1e-5)
@@ -156,11 +226,15 @@ def test_split_takes_exactly_its_documents(tokenizer, corpus):
 
     data = IndexedTokens(prefix)
     lo, hi = split_ranges("3,2", len(data))["valid"]
-    r = evaluate_path(random_model(), tokenizer, str(prefix) + ".idx", seq_length=32, split="valid", split_ratio="3,2")
+    r = evaluate_path(
+        random_model(), tokenizer, str(prefix) + ".idx", seq_length=32, split="valid", split_ratio="3,2"
+    )
     assert (r.documents, r.tokens) == (hi - lo, int(data.offsets[hi] - data.offsets[lo]))
     assert r.bytes == sum(len(d.encode()) for d in DOCS[lo:hi])
     with pytest.raises(EvalError, match="has no documents"):
-        evaluate_path(random_model(), tokenizer, str(prefix), seq_length=32, split="test", split_ratio="1,0,0")
+        evaluate_path(
+            random_model(), tokenizer, str(prefix), seq_length=32, split="test", split_ratio="1,0,0"
+        )
 
 
 def test_totals_sum_tokens_and_nll():
@@ -174,25 +248,45 @@ def test_totals_sum_tokens_and_nll():
 
 
 def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), *args], capture_output=True,
-                          text=True, timeout=300, env=_env(), cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "evaluate.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=ROOT,
+    )
 
 
 def test_cli_reports_a_checkpoint_on_token_split_and_text(checkpoint, corpus, tmp_path):
     jsonl, prefix = corpus
-    proc = evaluate_cli(str(checkpoint), str(prefix), str(jsonl), "--json", "--output", str(tmp_path / "r.json"))
+    proc = evaluate_cli(
+        str(checkpoint), str(prefix), str(jsonl), "--json", "--output", str(tmp_path / "r.json")
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     a, b = report["results"]
-    assert a["tokens"] == b["tokens"] == IndexedTokens(prefix).num_tokens and a["nll"] == pytest.approx(b["nll"])
+    assert a["tokens"] == b["tokens"] == IndexedTokens(prefix).num_tokens and a["nll"] == pytest.approx(
+        b["nll"]
+    )
     assert report["total"]["tokens"] == 2 * a["tokens"] and 0 < a["bits_per_byte"] < 10
-    assert report["seq_length"] == 64 and json.loads((tmp_path / "r.json").read_text())["results"] == report["results"]
+    assert (
+        report["seq_length"] == 64
+        and json.loads((tmp_path / "r.json").read_text())["results"] == report["results"]
+    )
     # the model really is the trained one: it beats a uniform guess over the vocabulary
     assert a["loss"] < math.log(50257) - 1
 
     table = evaluate_cli(str(checkpoint), str(prefix), "--split", "valid", "--split-ratio", "3,2")
     assert table.returncode == 0, table.stderr
-    assert table.stdout.splitlines()[0].split() == ["input", "docs", "tokens", "loss", "perplexity", "bits/byte"]
+    assert table.stdout.splitlines()[0].split() == [
+        "input",
+        "docs",
+        "tokens",
+        "loss",
+        "perplexity",
+        "bits/byte",
+    ]
     assert "[valid of 3,2]" in table.stdout
 
 
@@ -205,22 +299,35 @@ def launcher(name: str):
     return module
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "nothing to evaluate"),
-    (["nope.txt"], "nope.txt: no such file"),
-    (["TEXT", "--split", "valid"], "--split applies to token files"),
-    (["TEXT", "--seq-length", "0"], "--seq-length must be >= 1"),
-    (["EMPTY"], "no text to evaluate"),
-    (["--tasks", "no_such_task_xyz"], "unknown lm_eval task"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "nothing to evaluate"),
+        (["nope.txt"], "nope.txt: no such file"),
+        (["TEXT", "--split", "valid"], "--split applies to token files"),
+        (["TEXT", "--seq-length", "0"], "--seq-length must be >= 1"),
+        (["EMPTY"], "no text to evaluate"),
+        (["--tasks", "no_such_task_xyz"], "unknown lm_eval task"),
+    ],
+)
 def test_cli_bad_input_is_one_line(checkpoint, tmp_path, capsys, args, message):
     (tmp_path / "t.txt").write_text("Some text.")
     (tmp_path / "e.txt").write_text("")
-    args = [str(tmp_path / "t.txt") if a == "TEXT" else str(tmp_path / "e.txt") if a == "EMPTY" else
-            str(tmp_path / a) if a == "nope.txt" else a for a in args]
+    args = [
+        str(tmp_path / "t.txt")
+        if a == "TEXT"
+        else str(tmp_path / "e.txt")
+        if a == "EMPTY"
+        else str(tmp_path / a)
+        if a == "nope.txt"
+        else a
+        for a in args
+    ]
     assert launcher("evaluate").main([str(checkpoint), *args]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and err.startswith("neo evaluate: error: ") and message in err, err
+    last = err.splitlines()[-1]
+    assert out == "" and err.count("neo evaluate: error: ") == 1 and last.startswith("neo evaluate: error: ")
+    assert message in last, err
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):
@@ -262,19 +369,34 @@ def test_lm_eval_requests_match_hflm(tokenizer):
     def reqs(kind, args):
         return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
-    ll = reqs("loglikelihood", [("It is a truth", " universally acknowledged"), ("", "Emma Woodhouse"),
-                                ("Mr. Darcy ", "said"), (long, " and the end."), ("Hi", " there")])
+    ll = reqs(
+        "loglikelihood",
+        [
+            ("It is a truth", " universally acknowledged"),
+            ("", "Emma Woodhouse"),
+            ("Mr. Darcy ", "said"),
+            (long, " and the end."),
+            ("Hi", " there"),
+        ],
+    )
     a, b = ours.loglikelihood(ll), ref.loglikelihood(ll)
     assert [g for _, g in a] == [g for _, g in b]
     np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], rtol=1e-5)
 
     rolling = reqs("loglikelihood_rolling", [(long,), (DOCS[0],), (DOCS[1],)])
     assert len(tokenizer.encode(long)) > 3 * 64
-    np.testing.assert_allclose(ours.loglikelihood_rolling(rolling), ref.loglikelihood_rolling(rolling), rtol=1e-5)
+    np.testing.assert_allclose(
+        ours.loglikelihood_rolling(rolling), ref.loglikelihood_rolling(rolling), rtol=1e-5
+    )
 
-    gen = reqs("generate_until", [(DOCS[0][:40], {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}),
-                                  ("Emma", {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}),
-                                  (long, {"until": ["e"], "max_gen_toks": 10, "do_sample": False})])
+    gen = reqs(
+        "generate_until",
+        [
+            (DOCS[0][:40], {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}),
+            ("Emma", {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}),
+            (long, {"until": ["e"], "max_gen_toks": 10, "do_sample": False}),
+        ],
+    )
     got, want = ours.generate_until(gen), ref.generate_until(gen)
     assert got == want and len(got[0]) > 0 and "e" not in got[2]
 
@@ -282,8 +404,17 @@ def test_lm_eval_requests_match_hflm(tokenizer):
 def test_lm_eval_local_tasks_through_the_cli(checkpoint, tmp_path):
     """The four request kinds on local YAML tasks with local data (offline), through launch/evaluate.py."""
     pytest.importorskip("lm_eval")
-    proc = evaluate_cli(str(checkpoint), "--tasks", "neo_tiny", "--include-path", str(FIXTURES), "--batch-size", "4",
-                        "--output", str(tmp_path / "lm.json"))
+    proc = evaluate_cli(
+        str(checkpoint),
+        "--tasks",
+        "neo_tiny",
+        "--include-path",
+        str(FIXTURES),
+        "--batch-size",
+        "4",
+        "--output",
+        str(tmp_path / "lm.json"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "lm.json").read_text())["lm_eval"]["results"]
     assert set(results) >= {"neo_tiny_choice", "neo_tiny_cloze", "neo_tiny_rolling", "neo_tiny_gen"}

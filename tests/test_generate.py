@@ -37,16 +37,30 @@ from neo.model.gpt import GPT
 from neo.model.layers import Context, KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["It is a truth universally acknowledged, that a single man", "Emma", "Mr. Darcy said that she was very",
-           "The"]
+PROMPTS = [
+    "It is a truth universally acknowledged, that a single man",
+    "Emma",
+    "Mr. Darcy said that she was very",
+    "The",
+]
 GREEDY = SamplingParams(max_new_tokens=24, greedy=True, stop_at_eod=False)
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     return env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP threads that
+    wait on each other's core run several times slower than one (measured: 26 s vs 3 s for two tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_checkpoint(tmp_path_factory) -> Path:
@@ -56,15 +70,47 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     if (ckpt / "latest").is_file():
         return ckpt
     tokens = root / "tokens" / "sample"
-    subprocess.run([sys.executable, str(ROOT / "launch" / "preprocess.py"), str(ROOT / "data" / "sample" /
-                    "austen.jsonl.gz"), "--output", str(tokens), "--workers", "2"],
-                   check=True, capture_output=True, text=True, timeout=300)
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), str(ROOT / "ds_configs" / "models" /
-                           "tiny.yml"), "--set", f"data.train_paths=[{tokens}]", "--set", "schedule.iterations=20",
-                           "--set", "optimizer.lr=1e-2", "--set", f"logging.dir={root / 'run'}", "--set",
-                           "eval.interval=0"], capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "preprocess.py"),
+            str(ROOT / "data" / "sample" / "austen.jsonl.gz"),
+            "--output",
+            str(tokens),
+            "--workers",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "train.py"),
+            str(ROOT / "ds_configs" / "models" / "tiny.yml"),
+            "--set",
+            f"data.train_paths=[{tokens}]",
+            "--set",
+            "schedule.iterations=20",
+            "--set",
+            "optimizer.lr=1e-2",
+            "--set",
+            f"logging.dir={root / 'run'}",
+            "--set",
+            "eval.interval=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=ROOT,
+    )
     # gloo may abort at interpreter exit after everything is saved; the published checkpoint is what counts.
-    assert (ckpt / "latest").is_file(), f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    assert (ckpt / "latest").is_file(), (
+        f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    )
     return ckpt
 
 
@@ -84,8 +130,15 @@ def tokenizer():
 
 
 def random_model(dtype=torch.float32, **kw) -> GPT:
-    args = dict(n_layers=2, hidden_size=64, n_heads=4, seq_length=128, vocab_size=50304, init_method="normal",
-                init_std=0.3)
+    args = dict(
+        n_layers=2,
+        hidden_size=64,
+        n_heads=4,
+        seq_length=128,
+        vocab_size=50304,
+        init_method="normal",
+        init_std=0.3,
+    )
     args.update(kw)
     return GPT(ModelArgs(**args), seed=3).eval().to(dtype)
 
@@ -99,13 +152,18 @@ def rand(tokenizer) -> Generator:
 
 
 @pytest.mark.parametrize("which", ["rand", "trained"])
-def test_cached_greedy_equals_full_recompute(request, which):
+def test_cached_generation_equals_full_recompute(request, which):
+    """Greedy, and sampled with one seed (the same random draws meet the same logits): a 20-step model's
+    greedy text is mostly repeats, its samples are not."""
     gen = request.getfixturevalue(which)
-    cached = gen.generate(PROMPTS, GREEDY)
-    full = gen.generate(PROMPTS, GREEDY, use_cache=False)
-    assert [r.tokens for r in cached] == [r.tokens for r in full]
-    assert all(len(r.tokens) == GREEDY.max_new_tokens for r in cached)
+    sampled = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=50, seed=11, stop_at_eod=False)
+    for params in (GREEDY, sampled):
+        cached = gen.generate(PROMPTS, params)
+        full = gen.generate(PROMPTS, params, use_cache=False)
+        assert [r.tokens for r in cached] == [r.tokens for r in full]
+        assert all(len(r.tokens) == params.max_new_tokens for r in cached)
     assert len({tuple(r.tokens) for r in cached}) == len(PROMPTS)  # not a degenerate constant output
+    assert len({t for r in cached for t in r.tokens}) > 20
 
 
 @pytest.mark.parametrize("preallocated", [True, False])
@@ -119,7 +177,9 @@ def test_cached_logits_equal_full_forward(tokenizer, preallocated):
         cache = KVCache(max_length=ids.shape[1] if preallocated else None)
         steps = [forward_last(model, ids[:, :5], Context(positions=torch.arange(5)[None], cache=cache))]
         for t in range(5, ids.shape[1]):
-            steps.append(forward_last(model, ids[:, t:t + 1], Context(positions=torch.tensor([[t]]), cache=cache)))
+            steps.append(
+                forward_last(model, ids[:, t : t + 1], Context(positions=torch.tensor([[t]]), cache=cache))
+            )
     assert cache.length == ids.shape[1]
     got = torch.stack(steps, dim=1)
     torch.testing.assert_close(got, full[:, 4:], rtol=0, atol=1e-4)
@@ -129,29 +189,52 @@ def test_cached_logits_equal_full_forward(tokenizer, preallocated):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_batched_equals_one_by_one(rand, use_cache):
-    batched = rand.generate(PROMPTS, GREEDY, use_cache=use_cache)
-    single = [rand.generate([p], GREEDY, use_cache=use_cache)[0] for p in PROMPTS]
-    assert [r.tokens for r in batched] == [r.tokens for r in single]
-    assert [r.text for r in batched] == [r.text for r in single]
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_batched_equals_one_by_one(tokenizer, use_cache, positions):
+    """Rotary scores depend only on position differences; learned positions also catch a wrong offset.
+    With a repetition penalty, the pads must not count as seen tokens."""
+    gen = Generator(random_model(position_embedding=positions), tokenizer)
+    prompts = [*PROMPTS, ""]
+    for params in (GREEDY, dataclasses.replace(GREEDY, repetition_penalty=1.5)):
+        batched = gen.generate(prompts, params, use_cache=use_cache)
+        single = [gen.generate([p], params, use_cache=use_cache)[0] for p in prompts]
+        assert [r.tokens for r in batched] == [r.tokens for r in single]
+        assert [r.text for r in batched] == [r.text for r in single]
 
 
-def test_left_padded_logits_equal_unpadded(tokenizer):
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_left_padded_logits_equal_unpadded(tokenizer, positions):
     """Positions restart at each row's first real token and pads are masked: a row's logits do not depend on
     the longer prompts it is batched with (fp32, ~1e-6)."""
-    model = random_model()
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
-    tokens, valid = left_pad(prompts, tokenizer.eod_id)
-    assert positions_of(valid)[1].tolist()[-len(prompts[1]):] == list(range(len(prompts[1])))
     from neo.generate import attention_mask
 
+    model = random_model(position_embedding=positions)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    tokens, valid = left_pad(prompts, tokenizer.eod_id)
+    assert positions_of(valid)[1].tolist()[-len(prompts[1]) :] == list(range(len(prompts[1])))
     with torch.no_grad():
-        batched = forward_last(model, tokens, Context(positions=positions_of(valid),
-                                                      mask=attention_mask(valid, tokens.shape[1])))
+        batched = forward_last(
+            model, tokens, Context(positions=positions_of(valid), mask=attention_mask(valid, tokens.shape[1]))
+        )
         for i, p in enumerate(prompts):
             alone = model(torch.tensor([p]))[0, -1]
             torch.testing.assert_close(batched[i], alone, rtol=0, atol=2e-5)
     assert torch.isfinite(batched).all()
+
+
+def test_attention_mask_hides_pads_and_the_future():
+    from neo.generate import attention_mask
+
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    m = attention_mask(valid, 4)[:, 0]
+    assert m[0].tolist() == [
+        [True, False, False, False],
+        [False, True, False, False],  # pads: themselves only
+        [False, False, True, False],
+        [False, False, True, True],
+    ]
+    assert m[1].tolist() == torch.ones(4, 4, dtype=torch.bool).tril().tolist()
+    assert attention_mask(valid, 1)[:, 0, 0].tolist() == [[False, False, True, True], [True] * 4]
 
 
 # ------------------------------------------------------------------------------------ transformers parity
@@ -167,10 +250,17 @@ def _hf_greedy(model: GPT, state: dict, prompts: list[list[int]], new: int, voca
     out = []
     for p in prompts:
         ids = torch.tensor([p])
-        res = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                          do_sample=False, eos_token_id=None, pad_token_id=0,
-                          suppress_tokens=list(range(vocab, model.args.vocab_size)))
-        out.append(res[0, len(p):].tolist())
+        res = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            suppress_tokens=list(range(vocab, model.args.vocab_size)),
+        )
+        out.append(res[0, len(p) :].tolist())
     return out
 
 
@@ -186,15 +276,18 @@ def test_greedy_equals_transformers_on_the_trained_checkpoint(trained, checkpoin
 def test_greedy_equals_transformers_on_a_random_model(rand):
     prompts = [rand.encode_prompt(p) for p in PROMPTS]
     ours = [r.tokens for r in rand.generate_ids(prompts, GREEDY)]
-    assert ours == _hf_greedy(rand.model, rand.model.state_dict(), prompts, GREEDY.max_new_tokens, rand.vocab_size)
+    assert ours == _hf_greedy(
+        rand.model, rand.model.state_dict(), prompts, GREEDY.max_new_tokens, rand.vocab_size
+    )
 
 
 # --------------------------------------------------------------------------------------------- sampling
 
 
 def test_top_k_one_equals_greedy(rand):
-    sampled = rand.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=1.7, top_k=1, seed=5,
-                                                    stop_at_eod=False))
+    sampled = rand.generate(
+        PROMPTS, SamplingParams(max_new_tokens=24, temperature=1.7, top_k=1, seed=5, stop_at_eod=False)
+    )
     assert [r.tokens for r in sampled] == [r.tokens for r in rand.generate(PROMPTS, GREEDY)]
 
 
@@ -224,8 +317,16 @@ def test_top_p_filter_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # ranked: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
     logits = probs.log()[None].repeat(2, 1)
     logits[1] = logits[1].flip(0)  # the second row holds the same values in another order
-    cases = {0.3: {1}, 0.49: {1}, 0.51: {1, 3}, 0.75: {1, 3}, 0.81: {1, 3, 2}, 0.94: {1, 3, 2}, 0.96: {0, 1, 2, 3},
-             1.0: {0, 1, 2, 3}}
+    cases = {
+        0.3: {1},
+        0.49: {1},
+        0.51: {1, 3},
+        0.75: {1, 3},
+        0.81: {1, 3, 2},
+        0.94: {1, 3, 2},
+        0.96: {0, 1, 2, 3},
+        1.0: {0, 1, 2, 3},
+    }
     for p, want in cases.items():
         out = filter_top_p(logits, p)
         assert kept(out[0]) == want, p
@@ -261,7 +362,7 @@ def test_padded_vocabulary_is_never_sampled(tokenizer):
     model = random_model()
     with torch.no_grad():
         head = model.layers[-1].embed_out.weight
-        head[tokenizer.vocab_size:] = head[:tokenizer.vocab_size].mean(0) * 0 + 50.0
+        head[tokenizer.vocab_size :] = head[: tokenizer.vocab_size].mean(0) * 0 + 50.0
     gen = Generator(model, tokenizer)
     for params in (GREEDY, SamplingParams(max_new_tokens=24, seed=0, stop_at_eod=False)):
         for r in gen.generate(PROMPTS, params):
@@ -280,9 +381,9 @@ def test_repetition_penalty_reduces_repeats(trained):
 
 def test_stop_strings_cut_the_text(rand):
     full = rand.generate(PROMPTS[0], GREEDY)[0]
-    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
     cut = rand.generate(PROMPTS[0], dataclasses.replace(GREEDY, stop=("never appears", stop)))[0]
-    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
     assert full.text.startswith(cut.text) and len(cut.tokens) < len(full.tokens)
     assert full.finish_reason == "length"
 
@@ -300,26 +401,48 @@ def test_stop_at_end_of_document(rand, tokenizer):
     assert out[0].finish_reason == "eod" and len(out[0].tokens) <= 6
 
 
+def test_empty_prompt_starts_a_fresh_document(rand, tokenizer):
+    empty = rand.generate("", GREEDY)[0]
+    assert empty.prompt_tokens == 1
+    assert empty.tokens == rand.generate_ids([[tokenizer.eod_id]], GREEDY)[0].tokens
+
+
 def test_bad_settings_are_refused(rand):
-    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=-1.0), dict(max_new_tokens=0),
-                dict(repetition_penalty=0.0), dict(stop=("",))):
+    for bad in (
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(temperature=-1.0),
+        dict(max_new_tokens=0),
+        dict(repetition_penalty=0.0),
+        dict(stop=("",)),
+    ):
         with pytest.raises(GenerationError):
             rand.generate("x", SamplingParams(**bad))
     with pytest.raises(GenerationError, match="exceeds"):
         Generator(random_model(position_embedding="learned"), rand.tokenizer).generate(
-            "x", SamplingParams(max_new_tokens=200))
+            "x", SamplingParams(max_new_tokens=200)
+        )
 
 
 # ------------------------------------------------------------------------------------------------- CLI
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), *args], capture_output=True,
-                          text=True, input=stdin, timeout=300, env=_env(), cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "generate.py"), *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        env=_env(),
+        cwd=ROOT,
+    )
 
 
 def test_cli_prints_only_the_generated_text(checkpoint, trained):
-    proc = cli(str(checkpoint), "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--greedy", "--ignore-eod")
+    run_dir = checkpoint.parent  # the run's logging dir: its checkpoints/ is found
+    proc = cli(str(run_dir), "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--greedy", "--ignore-eod")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == trained.generate(PROMPTS[0], GREEDY)[0].text + "\n"
     assert "tokens/s" in proc.stderr
@@ -327,8 +450,18 @@ def test_cli_prints_only_the_generated_text(checkpoint, trained):
 
 def test_cli_prompt_file_gives_jsonl(checkpoint, trained, tmp_path):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
-    proc = cli(str(checkpoint), "--prompt-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "24",
-               "--temperature", "0", "--ignore-eod", "--batch-size", "3")
+    proc = cli(
+        str(checkpoint),
+        "--prompt-file",
+        str(tmp_path / "prompts.txt"),
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--ignore-eod",
+        "--batch-size",
+        "3",
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == PROMPTS
@@ -337,8 +470,17 @@ def test_cli_prompt_file_gives_jsonl(checkpoint, trained, tmp_path):
 
 
 def test_cli_interactive_answers_each_line(checkpoint, trained):
-    proc = cli(str(checkpoint), "--interactive", "--max-new-tokens", "5", "--greedy", "--ignore-eod", "--stop", "\n",
-               stdin="Emma\nThe\n")
+    proc = cli(
+        str(checkpoint),
+        "--interactive",
+        "--max-new-tokens",
+        "5",
+        "--greedy",
+        "--ignore-eod",
+        "--stop",
+        "\\n",  # as typed in a shell: backslash, n
+        stdin="Emma\nThe\n",
+    )
     assert proc.returncode == 0, proc.stderr
     params = dataclasses.replace(GREEDY, max_new_tokens=5, stop=("\n",))
     assert proc.stdout == "".join(trained.generate(p, params)[0].text + "\n" for p in ("Emma", "The"))
@@ -354,32 +496,41 @@ def launcher(name: str):
     return module
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--prompt", "x", "--top-p", "1.2"], "--top-p must be in (0, 1]"),
-    (["--prompt", "x", "--top-k", "-2"], "--top-k must be an integer >= 0"),
-    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
-    (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
-    ([], "give --prompt TEXT, --prompt-file FILE or --interactive"),
-    (["--prompt-file", "EMPTY"], "holds no prompts"),
-    (["--prompt-file", "MISSING"], "does not exist"),
-    (["--prompt", "x", "--max-new-tokens", "500"], "exceeds the model's length"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--prompt", "x", "--top-p", "1.2"], "--top-p must be in (0, 1]"),
+        (["--prompt", "x", "--top-k", "-2"], "--top-k must be an integer >= 0"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+        ([], "give --prompt TEXT, --prompt-file FILE or --interactive"),
+        (["--prompt-file", "EMPTY"], "holds no prompts"),
+        (["--prompt-file", "MISSING"], "does not exist"),
+        (["--prompt", "x", "--max-new-tokens", "500"], "exceeds the model's length"),
+    ],
+)
 def test_cli_bad_input_is_one_line(checkpoint, tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / "nope.txt") if a == "MISSING" else a
-            for a in args]
+    args = [
+        str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / "nope.txt") if a == "MISSING" else a
+        for a in args
+    ]
     if "500" in args:
         args += ["--max-length", "128"]
     assert launcher("generate").main([str(checkpoint), *args]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and err.startswith("neo generate: error: ") and message in err, err
+    last = err.splitlines()[-1]  # errors found after loading follow the "loaded" log line
+    assert out == "" and err.count("neo generate: error: ") == 1 and last.startswith("neo generate: error: ")
+    assert message in last, err
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):
     main = launcher("generate").main
     assert main([str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
-    assert capsys.readouterr().err == f"neo generate: error: checkpoint {tmp_path / 'nowhere'} does not exist\n"
+    assert (
+        capsys.readouterr().err == f"neo generate: error: checkpoint {tmp_path / 'nowhere'} does not exist\n"
+    )
     assert main([str(tmp_path), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "no complete checkpoint" in err and err.count("\n") == 1

@@ -123,6 +123,9 @@ class Context:
     positions: torch.Tensor | None = None  # [b, s] integer positions
     mask: torch.Tensor | None = None  # [b, 1, s, total] boolean, True = may attend
     cache: KVCache | None = None
+    # Rotary cos/sin of these positions, computed by the first layer and shared by the others: in
+    # one-token decoding steps the dozen small ops per layer are a visible part of the step's time.
+    rotary: dict = field(default_factory=dict)
 
 
 class Attention(nn.Module):
@@ -156,8 +159,14 @@ class Attention(nn.Module):
         if self.rotary is not None:
             if positions is None:
                 positions = torch.arange(s, device=x.device).unsqueeze(0)
-            cos, sin = self.rotary.cos_sin(positions, q.dtype)
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            key = (self.rotary.dim, q.dtype)  # one model per Context: every layer has the same table
+            if ctx is not None and key in ctx.rotary:
+                cos, sin = ctx.rotary[key]
+            else:
+                cos, sin = self.rotary.cos_sin(positions, q.dtype)
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+                if ctx is not None:
+                    ctx.rotary[key] = cos, sin
             q, k = Rotary.rotate(q, cos, sin), Rotary.rotate(k, cos, sin)
         mask = None
         if ctx is not None and ctx.cache is not None:

@@ -49,6 +49,7 @@ FIXES = {
     "empty file": "remove the empty file from the inputs",
 }
 MAX_SHOWN = 20
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Source:
 @dataclass
 class Chunk:
     source: str
-    kind: str  # how the worker reads each payload: json | text | value
+    kind: str  # how the worker reads each payload: json-block | text | value
     unit: str  # "line" or "row", for messages
     items: list  # [(line or row number, payload)]
     nbytes: int  # text bytes in this chunk, for MB/s
@@ -126,25 +127,35 @@ def resolve_inputs(inputs: list[str], fmt: str = "auto") -> list[Source]:
     return sources
 
 
-def _open(path: str):
-    """(raw file, reader, tell): the reader decompresses; tell() is the on-disk position, for the ETA."""
-    raw = open(path, "rb")
+def _open(path: str, buffered: bool = False):
+    """(raw file, reader, tell): the reader decompresses; tell() is the on-disk position, for the ETA.
+    Unbuffered unless asked: a BufferedReader blocked on a pipe can swallow SIGTERM (CPython 3.11)."""
+    raw = open(path, "rb", buffering=-1 if buffered else 0)
     opener = OPENERS.get(Path(path).suffix)
     return raw, (opener(raw, "rb") if opener else raw), (raw.tell if raw.seekable() else lambda: 0)
 
 
-def _read_lines(path: str) -> Iterator[tuple[int, bytes, int]]:
-    """JSON lines: (line number, raw line, position); blank lines are skipped silently."""
+def _read_blocks(path: str) -> Iterator[tuple[int, bytes, int]]:
+    """JSON lines, as blocks of whole lines: (number of the first line, block, position). Splitting
+    the lines is left to the workers, which keeps the main process nearly idle."""
     raw, f, tell = _open(path)
     with raw, f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield n, line, tell()
+        line, pending = 1, []
+        while block := f.read(CHUNK_BYTES):
+            cut = block.rfind(b"\n") + 1
+            if not cut:  # a line longer than a block: keep reading
+                pending.append(block)
+                continue
+            head, pending = b"".join([*pending, block[:cut]]), [block[cut:]]
+            yield line, head, tell()
+            line += head.count(b"\n")
+        if tail := b"".join(pending):
+            yield line, tail, tell()
 
 
 def _read_text(path: str, mode: str) -> Iterator[tuple[int, bytes, int]]:
     """Plain text: the whole file as one document, or one document per blank-line-separated paragraph."""
-    raw, f, tell = _open(path)
+    raw, f, tell = _open(path, buffered=mode != "file")
     with raw, f:
         if mode == "file":
             data = f.read()
@@ -220,7 +231,7 @@ def _chunks(sources: list[Source], key: str, text_mode: str, split: str, config:
     base = 0
     for src in sources:
         if src.kind == "jsonl":
-            items, kind, unit = _read_lines(src.path), "json", "line"
+            items, kind, unit = _read_blocks(src.path), "json-block", "line"
         elif src.kind == "text":
             items, kind, unit = _read_text(src.path, text_mode), "text", "line"
         elif src.kind == "parquet":
@@ -231,7 +242,7 @@ def _chunks(sources: list[Source], key: str, text_mode: str, split: str, config:
         for n, payload, pos in items:
             buf.append((n, payload))
             nbytes += len(payload) if isinstance(payload, bytes | str) else 0
-            count += 1
+            count += kind != "json-block" or not payload.isspace()
             if nbytes >= CHUNK_BYTES or len(buf) >= 4096:
                 yield Chunk(src.path, kind, unit, buf, nbytes, base + pos)
                 buf, nbytes = [], 0
@@ -247,6 +258,8 @@ _STATE: dict = {}
 
 def _init_worker(tokenizer: str, key: str, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: Pool.terminate() must kill
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if sys.platform == "linux":  # die with the parent, even when it is SIGKILLed
         import ctypes
 
@@ -293,8 +306,11 @@ def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list, Chunk]:
     tok, key = _STATE["tok"], _STATE["key"]
     enc, eod = tok.encoding, tok.eod_id
     parts, lengths, problems = [], [], list(chunk.problems)
-    for n, payload in chunk.items:
-        text, problem = _text_of(chunk.kind, payload, key)
+    items, kind = chunk.items, chunk.kind
+    if kind == "json-block":  # [(first line number, block of lines)] -> the non-blank lines
+        items, kind = [(n + i, x) for n, block in items for i, x in enumerate(block.split(b"\n")) if x.strip()], "json"
+    for n, payload in items:
+        text, problem = _text_of(kind, payload, key)
         if problem:
             problems.append((n + problem[0], *problem[1:]))
             continue
@@ -316,7 +332,14 @@ def _results(chunks: Iterator[Chunk], workers: int, init: tuple) -> Iterator[tup
         yield from map(_encode_chunk, chunks)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, _init_worker, (*init, os.getpid())) as pool:  # leaving the block terminates the workers
+    # The pool's helper threads inherit this mask, so SIGINT/SIGTERM interrupt the main thread (even in
+    # a blocking read) instead of landing in a helper thread; the workers unblock them again.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pool = ctx.Pool(workers, _init_worker, (*init, os.getpid()))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    with pool:  # leaving the block terminates the workers
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))

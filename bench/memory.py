@@ -271,9 +271,10 @@ def _mb(x: float) -> str:
 
 # Why DeepSpeed 0.19 departs from the ZeRO paper's formulas, where it does (checked against its source).
 EXPLANATIONS = {
-    ("grads", 1): "ZeRO-1 grads below 1/tp: DeepSpeed's stage 1 (stage_1_and_2.py) reduces the gradients into this "
-                  "rank's partition at the accumulation boundary, inside backward; full-size gradients exist only "
-                  "while backward runs (and between micro-batches when grad_accum > 1).",
+    ("grads", 1): "ZeRO-1 grads below 1/tp: DeepSpeed 0.19 runs stage 1 through stage 2's code (stage_1_and_2.py); "
+                  "at an accumulation boundary (every step here: grad_accum 1) backward hooks move each gradient "
+                  "into a bucket, reduce it and keep only this rank's partition, so after backward only the "
+                  "partition remains.",
     ("params", 3): "ZeRO-3 params above 1/(tp dp): parameters under stage3_param_persistence_threshold (1e5 "
                    "elements) stay whole on every rank: biases and norms, and with tp 2 also the 384 x 192 "
                    "attention output projections.",

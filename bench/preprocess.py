@@ -75,15 +75,16 @@ def batched(path: Path, enc, threads: int) -> int:
 
 
 def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and its descendants (Linux /proc)."""
+    """Resident bytes of a process and its children (Linux /proc); processes may vanish meanwhile."""
     total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for name in filter(str.isdigit, os.listdir("/proc")):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(stat.parent.name) == pid or int(fields[1]) == pid:
-                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            pass
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(name) == pid or int(fields[1]) == pid:
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
     return total
 
 
@@ -109,6 +110,19 @@ def run_cli(path: Path, out: Path, workers: int) -> dict:
             "command": " ".join(cmd)}
 
 
+def idle_share(seconds: float = 3.0) -> float:
+    """Fraction of CPU time idle over a short window (Linux /proc/stat): other work skews the ratios."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = list(map(int, f.readline().split()[1:]))
+        return v[3] + v[4], sum(v)
+
+    a = snap()
+    time.sleep(seconds)
+    b = snap()
+    return round((b[0] - a[0]) / max(b[1] - a[1], 1), 2)
+
+
 def cpu_model() -> str:
     try:
         return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -120,7 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", type=Path, help="JSONL with a 'text' field (default: built from the sample corpus)")
     ap.add_argument("--mb", type=float, default=48, help="size of the generated input (default: 48 MB)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--flat-x", type=int, default=5,
                     help="also run 2 workers once on the input repeated this many times, to show memory stays flat")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
@@ -144,7 +158,7 @@ def main() -> None:
         "preprocess.py --workers 1": lambda: run_cli(path, tmp / "w1", 1),
         "preprocess.py --workers 2": lambda: run_cli(path, tmp / "w2", 2),
     }
-    load_before = os.getloadavg()
+    idle_before = idle_share()
     runs: dict[str, list[dict]] = {k: [] for k in methods}
     for r in range(args.rounds):
         for name, fn in methods.items():
@@ -183,7 +197,7 @@ def main() -> None:
         "input": {"path": str(path), "mb": round(mb, 1), "documents": n_docs,
                   "tokens": tokens.pop(), "generated_from_sample": not args.input},
         "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
-                     "load_avg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+                     "cpu_idle_before_after": [idle_before, idle_share()]},
         "versions": {"python": platform.python_version(), "tiktoken": tiktoken.__version__,
                      "numpy": numpy.__version__, "neo": _git_rev()},
         "rounds": args.rounds, "results": rows, "memory": memory,
@@ -202,7 +216,7 @@ def main() -> None:
 
 def _git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "uncommitted"
@@ -215,8 +229,8 @@ def _markdown(r: dict) -> str:
         f"- input: {r['input']['mb']} MB JSONL, {r['input']['documents']:,} documents, {r['input']['tokens']:,} "
         f"gpt2 tokens ({'generated from data/sample' if r['input']['generated_from_sample'] else r['input']['path']})",
         f"- hardware: {r['hardware']['cpu']}, {r['hardware']['cores']} cores ({r['hardware']['machine']}); "
-        "1-minute load average before/after: {} / {} (other work on the machine skews the ratios)".format(
-            *r["hardware"]["load_avg_1m_before_after"]),
+        "CPU idle in the 3 s before/after: {:.0%} / {:.0%} (other work on the machine skews the ratios)".format(
+            *r["hardware"]["cpu_idle_before_after"]),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
         f"- median of {r['rounds']} interleaved rounds; preprocess seconds are its own timer (after start-up "
         "and tokenizer load, as for the loops); wall includes the interpreter start-up", "",
@@ -224,8 +238,9 @@ def _markdown(r: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for x in r["results"]:
+        wall, rss = (f"{x['wall_seconds']:.2f}", f"{x['peak_rss_mb']:.0f}") if "wall_seconds" in x else ("-", "-")
         lines.append(f"| {x['method']} | {x['tokens_per_s'] / 1e6:.2f} | {x['vs_plain_loop']:.2f}x | {x['seconds']:.2f} | "
-                     f"{x.get('wall_seconds', float('nan')):.2f} | {x.get('peak_rss_mb', float('nan')):.0f} |")
+                     f"{wall} | {rss} |")
     if r["memory"]:
         m = r["memory"]
         lines += ["", f"Memory (2 workers, all processes): peak RSS {m['base_peak_rss_mb']} MB on the "

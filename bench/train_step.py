@@ -21,8 +21,8 @@ torch.autocast(bf16) (PyTorch's usual mixed precision). The DeepSpeed-overhead r
 the like-for-like recipe; autocast is shown beside it.
 
 Timing: every variant first runs ``--warmup`` untimed steps; then rounds, each timing one block of
-``--steps`` consecutive steps of every variant, the order rotating every round (ABC, BCA, CAB...), so
-drift hits all variants alike. On a CPU shared with other jobs a block in which another process held a
+``--steps`` consecutive steps of every variant in a fresh random order, so drift hits all variants
+alike and no variant always follows the same one. On a CPU shared with other jobs a block in which another process held a
 core runs 3-6x slower (two OpenMP threads on one core); such blocks are recognised by their CPU share
 and left out, and rounds go on until every variant has ``--reps`` clean blocks (or ``--budget`` runs
 out). Reported: median tokens/s per variant and ratios of medians, with the range of the per-round
@@ -36,6 +36,7 @@ import argparse
 import gc
 import itertools
 import os
+import random
 import statistics
 import sys
 import time
@@ -254,11 +255,16 @@ def clean(v: Variant, i: int, threads: int, share: float) -> bool:
 
 
 def time_rounds(args, variants: list[Variant], sync, threads: int, tokens_per_step: int) -> int:
-    """Rounds over all variants, the order rotating each round, until every variant has ``--reps`` clean
-    blocks, or ``--budget`` seconds have passed (after at least MIN_ROUNDS rounds). Returns the round count."""
+    """Rounds over all variants until every variant has ``--reps`` clean blocks, or ``--budget`` seconds have
+    passed (after at least MIN_ROUNDS rounds). Returns the round count.
+
+    Each round runs the variants in a fresh random order (seeded): a fixed cyclic order gave each variant
+    the same predecessor every round, and what the previous step leaves in caches and the allocator
+    showed up as a steady ~10% difference between two identical-cost variants."""
     start, r = time.perf_counter(), 0
+    rng = random.Random(0)
     while True:
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        order = rng.sample(variants, len(variants))
         for v in order:
             run_block(v, args.steps, sync)
         r += 1
@@ -435,7 +441,7 @@ def markdown(r: dict) -> str:
         "- bf16 recipes of the plain loops: master = bf16 weights/activations/grads + fp32 master weights and AdamW "
         "state (DeepSpeed's recipe); autocast = fp32 weights + torch.autocast(bf16)",
         f"- timing: {c['warmup_steps']} warmup steps per variant excluded; {c['rounds']} rounds of {c['steps_per_block']} "
-        f"step(s) per variant, order rotating each round, {c['timed_seconds']} s; statistics over {clean_rule}",
+        f"step(s) per variant, in a random order each round, {c['timed_seconds']} s; statistics over {clean_rule}",
         "",
         "## Tokens/s",
         "",

@@ -59,6 +59,21 @@ def test_epochs_are_visited_in_turn(corpus, tmp_path):
     assert not np.all(np.diff(np.asarray(ds.order)) > 0)  # but shuffled within an epoch
 
 
+def test_more_samples_extend_the_same_order(corpus, tmp_path):
+    """Raising the iterations on resume must continue the sequence, not reshuffle what was planned:
+    the samples of a short schedule are the first samples of a longer one (across epoch counts)."""
+    short = build([corpus["a"]], tmp_path, n=700)["train"]
+    long = build([corpus["a"]], tmp_path, n=5000)["train"]
+    tokens_per_epoch = int(short.starts[len(np.unique(short.doc_idx))])
+    assert 700 * SEQ < tokens_per_epoch < 5000 * SEQ // 2  # 1 epoch vs several
+    for i in range(len(short)):
+        np.testing.assert_array_equal(short[i], long[i])
+    blend_short = build([corpus["a"], corpus["b"]], tmp_path, n=700, weights=[0.7, 0.3])["train"]
+    blend_long = build([corpus["a"], corpus["b"]], tmp_path, n=5000, weights=[0.7, 0.3])["train"]
+    for i in range(700):
+        np.testing.assert_array_equal(blend_short[i], blend_long[i])
+
+
 def test_deterministic_for_a_seed_and_cached(corpus, tmp_path, monkeypatch):
     a = build([corpus["a"]], tmp_path / "x")["train"]
     b = build([corpus["a"]], tmp_path / "y")["train"]  # separate cache: built again from scratch

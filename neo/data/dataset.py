@@ -86,18 +86,21 @@ def _key(**fields) -> str:
 
 def _sample_index(lengths: np.ndarray, seq_length: int, seed: int, num_samples: int) -> dict[str, np.ndarray]:
     """doc_idx: documents in stream order (each epoch a new permutation); starts: stream position of
-    each of them; order: sample ids, shuffled within each epoch so epochs are visited one by one."""
+    each of them; order: sample ids, shuffled within each epoch so epochs are visited one by one.
+
+    Epoch e draws from its own generator (seed, e) and always holds the samples that start in it, so
+    the order for more samples extends the order for fewer: a run whose iterations are raised on
+    resume continues the same sequence. The stream holds one epoch more than the samples need, for the
+    last sample's tail, which runs into the next epoch."""
     total = int(lengths.sum())
-    epochs = max(1, -(-(num_samples * seq_length + 1) // total))
-    n = (epochs * total - 1) // seq_length
-    rng = np.random.default_rng(seed)
-    doc_idx = np.concatenate([rng.permutation(len(lengths)) for _ in range(epochs)])
+    epochs = max(1, -(-num_samples * seq_length // total))
+    rngs = [np.random.default_rng([seed, e]) for e in range(epochs + 1)]
+    doc_idx = np.concatenate([rng.permutation(len(lengths)) for rng in rngs])
     starts = np.zeros(len(doc_idx) + 1, np.int64)
     np.cumsum(lengths[doc_idx], out=starts[1:])
-    # sample j starts at token j*seq_length; it belongs to the epoch in which it starts
-    bounds = np.minimum(-(-np.arange(epochs + 1, dtype=np.int64) * total // seq_length), n)
-    bounds[-1] = n
-    order = np.concatenate([a + rng.permutation(b - a) for a, b in zip(bounds[:-1], bounds[1:])])
+    # sample j starts at token j*seq_length and belongs to the epoch in which it starts
+    bounds = -(-np.arange(epochs + 1, dtype=np.int64) * total // seq_length)
+    order = np.concatenate([a + rng.permutation(b - a) for rng, a, b in zip(rngs, bounds[:-1], bounds[1:])])
     return {"doc_idx": doc_idx.astype(np.int64), "starts": starts, "order": order.astype(np.int64)}
 
 

@@ -4,13 +4,15 @@
     python bench/train_step.py --device cuda --batch 32 # a GPU: also reports MFU
     python bench/train_step.py --dtypes fp32 --reps 4   # quicker
 
-Variants, all in this one process, from the same initial weights, on the same random batches, with the
-same AdamW (neo's rule: weight decay on matrices only), gradient clipping at optimizer.grad_clip and
-neo's LR schedule function:
+Variants, all in this one process, from the same initial weights, on the same random batches, with
+AdamW (neo's rule: weight decay on matrices only), gradient clipping at optimizer.grad_clip and neo's
+LR schedule function:
 
-  hf             transformers' GPTNeoXForCausalLM of the same shape (sdpa attention), plain loop;
-                 the loss is neo's (fp32 cross-entropy over every position) on its logits
-  neo-plain      neo's GPT in the same plain loop (no DeepSpeed)
+  hf             transformers' GPTNeoXForCausalLM of the same shape (sdpa attention), plain loop with
+                 torch's default AdamW (what a user writes); the loss is neo's (fp32 cross-entropy over
+                 every position) on its logits
+  neo-plain      neo's GPT in the same plain loop (no DeepSpeed), with neo's AdamW implementation
+                 (optimizer.fused), so that neo-deepspeed / neo-plain is DeepSpeed's overhead alone
   neo-deepspeed  neo's real Trainer (its DeepSpeed engine, ZeRO-1 by default; only its tokenizer and
                  dataset loaders stubbed, see bench/common.py), stepped by Trainer.train_step itself
 
@@ -110,7 +112,8 @@ class PlainLoop:
     its gradients copied into fp32 master weights that AdamW updates, then copied back).
     """
 
-    def __init__(self, model, forward, cfg, recipe: str, device, batches):
+    def __init__(self, model, forward, cfg, recipe: str, device, batches, fused: bool | None = None):
+        """``fused``: AdamW's implementation; None is torch's default (a user's plain loop)."""
         import torch
 
         from neo.train.schedule import schedule_from_config
@@ -128,8 +131,9 @@ class PlainLoop:
                     self.pairs.append((p, masters[p]))
                 group["params"] = [masters[p] for p in group["params"]]
         self.params = [p for g in groups for p in g["params"]]
+        impl = {} if fused is None else {"fused": fused}
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
-                                           eps=cfg.optimizer.eps)
+                                           eps=cfg.optimizer.eps, **impl)
         lr_fn, lr = schedule_from_config(cfg.schedule, cfg.optimizer), cfg.optimizer.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_fn(step) / lr)
         self.clip = cfg.optimizer.grad_clip
@@ -199,6 +203,7 @@ def build_variants(args, base_cfg_for, env, device) -> list[Variant]:
 
     from neo.export.hf import hf_config, load_into_hf
     from neo.model.gpt import GPT
+    from neo.train.optim import fused_adamw_supported
 
     cfg32 = base_cfg_for("fp32")
     model_args = cfg32.model
@@ -225,8 +230,10 @@ def build_variants(args, base_cfg_for, env, device) -> list[Variant]:
             variants.append(Variant("hf", dtype, recipe, PlainLoop(hf_model(), hf_forward, cfg, recipe, device,
                                                                    batches())))
         for recipe in recipes:
+            # neo's plain loop uses neo's optimizer choice, so the DeepSpeed overhead is like for like
+            fused = cfg.optimizer.fused and fused_adamw_supported(device)
             variants.append(Variant("neo-plain", dtype, recipe, PlainLoop(neo_model(), neo_forward, cfg, recipe,
-                                                                          device, batches())))
+                                                                          device, batches(), fused)))
         variants.append(Variant("neo-deepspeed", dtype, "deepspeed", deepspeed_step(cfg, env, batches())))
     return variants
 
@@ -329,7 +336,8 @@ def main(argv=None) -> int:
         device=str(device),
         config={"neo": to_dict(cfg32), "parameters": counts, "flops_per_token": fpt,
                 "tokens_per_step": tokens_per_step, "zero_stage": args.zero, "bf16_recipes": args.bf16_recipes,
-                "adamw": "fused=True (patched into every variant)" if args.fused_adamw else "torch default",
+                "adamw": "fused=True (patched into every variant)" if args.fused_adamw else
+                f"hf: torch default; neo: fused={cfg32.optimizer.fused} (optimizer.fused)",
                 "warmup_steps": args.warmup, "clean_blocks_wanted": args.reps, "steps_per_block": args.steps,
                 "rounds": rounds, "clean_cpu_share": args.clean_share if threads else None,
                 "build_seconds": round(build_s, 1), "timed_seconds": round(timed_s, 1)},

@@ -53,6 +53,9 @@ class OptimizerConfig:
     eps: float = 1e-8  # Adam epsilon
     weight_decay: float = 0.1  # applied to matrices only (not biases or norms)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    # torch's fused AdamW kernel (each element read and written once per step, instead of one pass
+    # per operation); falls back to the multi-tensor implementation where the device has no fused kernel
+    fused: bool = True
 
 
 @dataclass

@@ -22,7 +22,7 @@ from neo.parallel import random as tp_random
 from neo.parallel.topology import Topology
 from neo.train import checkpoint as ckpt
 from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb, peak_tflops
-from neo.train.optim import ClippingAdamW, neo_clips, param_groups
+from neo.train.optim import ClippingAdamW, fused_adamw_supported, neo_clips, param_groups
 from neo.train.schedule import LRSchedule, schedule_from_config
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved, stopped early, run me again"; slurm/train.sbatch requeues on it
@@ -116,7 +116,8 @@ class Trainer:
             if self.load.mode != "resume":  # before DeepSpeed copies the weights into its fp32 masters
                 ckpt.copy_weights_into(model, self.load.path, self.topo)
         groups = param_groups(model, cfg.optimizer.weight_decay)
-        adam = dict(lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
+        adam = dict(lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                    fused=cfg.optimizer.fused and fused_adamw_supported(self.device))
         if neo_clips(cfg.zero.stage, cfg.precision.dtype):
             optimizer = ClippingAdamW(groups, topo=self.topo, max_norm=cfg.optimizer.grad_clip, skip=tied, **adam)
         else:

@@ -23,6 +23,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_adamw_supported(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``device`` (CUDA, and the CPU since torch 2.4)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return device.type in _get_fused_kernels_supported_devices()
+
+
 def global_grad_norm(params, topo, skip: set[int] = frozenset()) -> float:
     """2-norm of all gradients of the model: TP-split parameters summed over the TP group, replicated ones
     counted once, pipeline stages summed; ``skip`` holds ids of duplicated (tied) parameters."""

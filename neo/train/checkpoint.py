@@ -243,7 +243,8 @@ class LoadPlan:
 
     resume: DeepSpeed's full state (weights, optimizer, LR schedule, RNG) in the same layout;
     reshape: another (tp, pp, dp, ZeRO) layout: weights from neo's files, iteration and data position
-    kept, optimizer state fresh (DeepSpeed 0.19 cannot re-shard it without a universal checkpoint);
+    kept, optimizer state fresh (neo re-shards weights, not yet the Adam moments, whose ZeRO partitions only
+    DeepSpeed's own loader reads back, and only into the layout that saved them);
     weights: fine-tuning: weights only, iteration 0, fresh optimizer.
     """
 
@@ -261,8 +262,8 @@ class LoadPlan:
         s = self.saved_layout
         return (f"loaded {self.path} (iteration {it}, {n:,} samples) saved with tp={s.get('tp')} pp={s.get('pp')} "
                 f"dp={s.get('dp')} zero={s.get('zero')} into this layout: weights, iteration, data position and LR "
-                "schedule carried over; the optimizer state (Adam moments) starts fresh because DeepSpeed cannot "
-                "re-shard it across layouts here")
+                "schedule carried over; the optimizer state (Adam moments) starts fresh: neo re-shards weights "
+                "across layouts, not yet optimizer state. To keep the moments, resume in the saved layout")
 
 
 def plan_load(path: str, layout: dict, weights_only: bool) -> LoadPlan:

@@ -298,6 +298,11 @@ class Trainer:
         if code == 0:
             log(f"neo: done: {self.iteration} steps in {format_duration(time.perf_counter() - run_start)}. "
                 f"Checkpoint {path}; metrics {os.path.join(cfg.logging.dir, 'metrics.jsonl')}.")
+            root = cfg.checkpoint.dir
+            held_out = (" ".join(cfg.data.valid_paths) if cfg.data.valid_paths
+                        else " ".join(cfg.data.train_paths) + " --split valid")
+            log(f"neo: next: python launch/generate.py {root} --prompt \"Once\" --max-new-tokens 50   (sample text)\n"
+                f"neo: next: python launch/evaluate.py {root} {held_out}   (loss, perplexity, bits per byte)")
         return code
 
     def _validate(self, writer, note: str = "") -> None:

@@ -73,3 +73,13 @@ def run_training(run_dir: Path, *overrides: str, nproc: int = 1, configs: tuple[
         assert proc.returncode == 0 or crashed_at_exit, f"training failed ({proc.returncode}):\n{run.output[-4000:]}"
         assert run.finished, f"training did not finish:\n{run.output[-4000:]}"
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, sample_tokens) -> Path:
+    """The tiny model trained for 20 steps on the sample corpus with the real CLI; the checkpoint root
+    that generation and evaluation tests load (trained once per session)."""
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    run_training(run_dir, f"data.train_paths=[{sample_tokens}]", "schedule.iterations=20", "optimizer.lr=1e-2",
+                 "eval.interval=0", timeout=600)
+    return run_dir / "checkpoints"

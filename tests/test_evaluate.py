@@ -61,60 +61,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """Train the tiny model for a few steps with the real CLIs; reused by every test file of the session."""
-    root = tmp_path_factory.getbasetemp() / "neo-tiny-checkpoint"
-    ckpt = root / "run" / "checkpoints"
-    if (ckpt / "latest").is_file():
-        return ckpt
-    tokens = root / "tokens" / "sample"
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "launch" / "preprocess.py"),
-            str(ROOT / "data" / "sample" / "austen.jsonl.gz"),
-            "--output",
-            str(tokens),
-            "--workers",
-            "2",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "launch" / "train.py"),
-            str(ROOT / "ds_configs" / "models" / "tiny.yml"),
-            "--set",
-            f"data.train_paths=[{tokens}]",
-            "--set",
-            "schedule.iterations=20",
-            "--set",
-            "optimizer.lr=1e-2",
-            "--set",
-            f"logging.dir={root / 'run'}",
-            "--set",
-            "eval.interval=0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(),
-        cwd=ROOT,
-    )
-    # gloo may abort at interpreter exit after everything is saved; the published checkpoint is what counts.
-    assert (ckpt / "latest").is_file(), (
-        f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-    )
-    return ckpt
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory)
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

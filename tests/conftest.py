@@ -25,6 +25,19 @@ def sample_tokens(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of in-process tests on tiny models: on a shared 2-core machine two
+    OpenMP threads that wait on each other's core run several times slower than one (measured: 26 s vs 3 s
+    for two tests)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
     env.pop("RANK", None)

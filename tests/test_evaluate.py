@@ -27,6 +27,7 @@ from neo.generate import Generator
 from neo.model.args import ModelArgs
 from neo.model.gpt import GPT
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "lm_eval"
 DOCS = [
@@ -49,16 +50,6 @@ def _env() -> dict:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     return env
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP threads that
-    wait on each other's core run several times slower than one (measured: 26 s vs 3 s for two tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

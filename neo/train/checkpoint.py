@@ -3,7 +3,7 @@
 Layout of ``checkpoint.dir``::
 
     latest                  one line: the tag of the newest complete checkpoint
-    iter_00000200/          DeepSpeed's files, rng/rank_*.pt, weights/tp*-pp*.safetensors, neo.json (last)
+    iter_00000200/          DeepSpeed's files, rng/rank_*.pt, weights/ and optim/tp*-pp*.safetensors, neo.json (last)
     .tmp-iter_00000300/     a save in progress (or one that crashed): never loaded, removed later
 
 Every rank writes under the temporary tag; after a barrier rank 0 writes ``neo.json``, renames the
@@ -12,9 +12,10 @@ that. neo reads its own files with ``weights_only`` loading (JSON and tensors, n
 
 Besides DeepSpeed's resumable state, each checkpoint holds the model weights in neo's own format:
 one safetensors file per (tensor, pipeline) rank, with parameters under the plain model's names and
-``neo.json`` recording which dimension each was split along. Generation, evaluation, export and
-loading into another parallel layout read those, without DeepSpeed and without unpickling. ``neo.json``
-also lists the size of every file, so a truncated checkpoint is refused before anything is loaded.
+``neo.json`` recording which dimension each was split along; and the optimizer state the same way
+(``optim/``, see ``neo.train.optimizer_state``). Generation, evaluation, export and loading into another
+parallel layout read those, without DeepSpeed and without unpickling. ``neo.json`` also lists the size of
+every file, so a truncated checkpoint is refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -131,6 +132,12 @@ def _save_weights(module: torch.nn.Module, folder: str, topo, zero_stage: int) -
     return splits
 
 
+def _save_optimizer_state(engine, folder: str, topo) -> dict | None:
+    from neo.train import optimizer_state  # it builds on this module's readers
+
+    return optimizer_state.save(engine, folder, topo)
+
+
 def _manifest(folder: str) -> dict[str, int]:
     sizes = {}
     for dirpath, _, files in os.walk(folder):
@@ -165,6 +172,7 @@ def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None,
     os.makedirs(os.path.join(tmp_dir, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(tmp_dir, "rng", f"rank_{_rank():05d}.pt"))
     splits = _save_weights(engine.module, tmp_dir, topo, zero_stage) if topo is not None else {}
+    optim = _save_optimizer_state(engine, tmp_dir, topo) if topo is not None else None
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, splits)
@@ -172,7 +180,7 @@ def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None,
     _barrier()
     if _rank() == 0:
         meta = dict(meta, iteration=iteration, neo_version=neo.__version__, tp_split=splits,
-                    files=_manifest(tmp_dir))
+                    optimizer_state=optim, files=_manifest(tmp_dir))
         _atomic_write(os.path.join(tmp_dir, META), json.dumps(meta, indent=1))
         if os.path.isdir(final_dir):  # a re-save of the same step (e.g. a signal right after a save)
             shutil.rmtree(final_dir)
@@ -242,9 +250,10 @@ class LoadPlan:
     """How a run starts from a checkpoint.
 
     resume: DeepSpeed's full state (weights, optimizer, LR schedule, RNG) in the same layout;
-    reshape: another (tp, pp, dp, ZeRO) layout: weights from neo's files, iteration and data position
-    kept, optimizer state fresh (neo re-shards weights, not yet the Adam moments, whose ZeRO partitions only
-    DeepSpeed's own loader reads back, and only into the layout that saved them);
+    reshape: another (tp, pp, dp, ZeRO) layout: weights and optimizer state (Adam moments, step count, fp32
+    masters) from neo's own files, re-split for this layout; iteration, data position and LR schedule kept.
+    The optimizer starts fresh only where neo cannot carry it (``optimizer_fresh`` says why: a checkpoint
+    from before neo saved optimizer state, or an optimizer wrapper neo cannot reach);
     weights: fine-tuning: weights only, iteration 0, fresh optimizer.
     """
 
@@ -252,6 +261,7 @@ class LoadPlan:
     mode: str
     meta: dict
     saved_layout: dict
+    optimizer_fresh: str | None = None  # reshape: why the optimizer state was not carried over, if it was not
 
     def describe(self) -> str:
         it, n = self.meta["iteration"], self.meta["consumed_samples"]
@@ -260,10 +270,15 @@ class LoadPlan:
         if self.mode == "weights":
             return f"loaded the weights of {self.path} (iteration {it}); starting at iteration 0, fresh optimizer"
         s = self.saved_layout
-        return (f"loaded {self.path} (iteration {it}, {n:,} samples) saved with tp={s.get('tp')} pp={s.get('pp')} "
-                f"dp={s.get('dp')} zero={s.get('zero')} into this layout: weights, iteration, data position and LR "
-                "schedule carried over; the optimizer state (Adam moments) starts fresh: neo re-shards weights "
-                "across layouts, not yet optimizer state. To keep the moments, resume in the saved layout")
+        head = (f"loaded {self.path} (iteration {it}, {n:,} samples) saved with tp={s.get('tp')} pp={s.get('pp')} "
+                f"dp={s.get('dp')} zero={s.get('zero')} into this layout: ")
+        if self.optimizer_fresh is None:
+            saved = self.meta.get("optimizer_state") or {}
+            masters = ", fp32 master weights" if saved.get("masters") else ""
+            return head + (f"weights, optimizer state (Adam moments at step {saved.get('step')}{masters}), "
+                           "iteration, data position and LR schedule carried over")
+        return head + ("weights, iteration, data position and LR schedule carried over; the optimizer state "
+                       f"(Adam moments) starts fresh: {self.optimizer_fresh}")
 
 
 def plan_load(path: str, layout: dict, weights_only: bool) -> LoadPlan:
@@ -275,22 +290,35 @@ def plan_load(path: str, layout: dict, weights_only: bool) -> LoadPlan:
     return LoadPlan(path, mode, meta, saved)
 
 
+def local_slice(full: torch.Tensor, p: torch.nn.Parameter, topo, name: str, shape=None) -> torch.Tensor:
+    """This tensor-parallel rank's part of checkpoint tensor ``name`` for parameter ``p`` (split along
+    ``tp_split_dim``). ``shape``: the local shape to expect when ``p`` no longer has it (ZeRO-3 partitions it)."""
+    dim = getattr(p, "tp_split_dim", None)
+    part = full.chunk(topo.tp, dim=dim)[topo.coord.tensor] if dim is not None else full
+    want = tuple(shape if shape is not None else p.shape)
+    if tuple(part.shape) != want:
+        raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(full.shape)}, {tuple(part.shape)} for this "
+                              f"rank; the model expects {want}: the checkpoint does not match this model.")
+    return part
+
+
 def copy_weights_into(module: torch.nn.Module, path: str, topo) -> None:
-    """Fill ``module`` (plain or pipeline form, any tp) with its slice of the checkpoint's full weights."""
-    state, _ = load_full_weights(path)
+    """Fill ``module`` (plain or pipeline form, any tp) with its slice of the checkpoint's full weights.
+
+    Where the checkpoint kept fp32 master weights apart from bf16 module weights, those are the source.
+    """
+    from neo.train import optimizer_state  # it builds on this module's readers
+
+    meta = read_meta(path)
+    weights, masters = ShardedTensors(path, meta, "weights"), optimizer_state.masters(path, meta)
     for name, p in module.named_parameters():
         key = canonical_name(name)
-        if key not in state:
+        if not weights.has(key):
             raise CheckpointError(f"checkpoint {path} has no weight {key}; it does not match this model.")
-        full = state[key]
-        dim = getattr(p, "tp_split_dim", None)
-        if dim is not None:
-            full = full.chunk(topo.tp, dim=dim)[topo.coord.tensor]
-        if full.shape != p.shape:
-            raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(full.shape)} for this rank, the "
-                                  f"model expects {tuple(p.shape)}")
+        use_master = masters is not None and masters.has(key, optimizer_state.MASTER)
+        full = masters.get(key, optimizer_state.MASTER) if use_master else weights.get(key)
         with torch.no_grad():
-            p.copy_(full.to(p.dtype))
+            p.copy_(local_slice(full, p, topo, key).to(p.dtype))
 
 
 def load(engine, path: str) -> None:
@@ -308,34 +336,62 @@ def load(engine, path: str) -> None:
         set_rng_state(torch.load(rng_file, weights_only=True))
 
 
+class ShardedTensors:
+    """Full (unsplit) tensors of one kind of neo file in a checkpoint, ``weights/`` or ``optim/``, read one
+    at a time: TP shards concatenated along the split the checkpoint recorded, the first pipeline stage that
+    holds a name wins (a tied weight is on the first and the last stage, with the same values)."""
+
+    def __init__(self, path: str, meta: dict, folder: str):
+        layout = meta.get("layout", {})
+        tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
+        self.path, self.splits = path, meta.get("tp_split", {})
+        self.files: dict[str, list[str]] = {}  # tensor key -> its shard files, tensor rank order
+        for stage in range(pp):
+            files = [os.path.join(path, folder, f"tp{t:02d}-pp{stage:02d}.safetensors") for t in range(tp)]
+            for file in files:
+                if not os.path.isfile(file):
+                    raise CheckpointError(f"checkpoint {path} lacks {os.path.relpath(file, path)} (saved with "
+                                          f"tp={tp} pp={pp}). Fix: load an earlier checkpoint.")
+            for key in self._read(files[0], lambda f: list(f.keys())):
+                self.files.setdefault(key, files)
+
+    def _read(self, file: str, fn):
+        try:
+            with safe_open(file, framework="pt") as f:
+                return fn(f)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            raise CheckpointError(f"{file} is unreadable ({e}); the checkpoint is corrupt.") from None
+
+    @staticmethod
+    def _key(name: str, kind: str | None) -> str:
+        return name if kind is None else f"{name}.{kind}"
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def has(self, name: str, kind: str | None = None) -> bool:
+        return self._key(name, kind) in self.files
+
+    def get(self, name: str, kind: str | None = None) -> torch.Tensor:
+        """The full tensor of parameter ``name`` (``kind``: e.g. ``exp_avg`` in ``optim/``; None in ``weights/``)."""
+        key = self._key(name, kind)
+        files = self.files[key]
+        dim = self.splits.get(name)
+        if dim is None:
+            return self._read(files[0], lambda f: f.get_tensor(key))
+        shards = [self._read(file, lambda f: f.get_tensor(key)) for file in files]
+        return torch.cat(shards, dim=dim) if len(shards) > 1 else shards[0]
+
+
 def load_full_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The unsplit model weights of checkpoint ``path`` (TP shards concatenated, PP stages joined)."""
     path = resolve(path)
     meta = read_meta(path)
     verify(path, meta)
-    layout = meta.get("layout", {})
-    tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
-    splits = meta.get("tp_split", {})
-    state: dict[str, torch.Tensor] = {}
-    for p in range(pp):
-        parts: dict[str, list[torch.Tensor]] = {}
-        for t in range(tp):
-            file = os.path.join(path, "weights", f"tp{t:02d}-pp{p:02d}.safetensors")
-            if not os.path.isfile(file):
-                raise CheckpointError(f"checkpoint {path} lacks {os.path.relpath(file, path)} (saved with tp={tp} "
-                                      f"pp={pp}). Fix: load an earlier checkpoint.")
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for name in f.keys():
-                        parts.setdefault(name, []).append(f.get_tensor(name))
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
-                raise CheckpointError(f"{file} is unreadable ({e}); the checkpoint is corrupt.") from None
-        for name, shards in parts.items():
-            if name in state:  # a tied weight held by the first and the last stage: the same values
-                continue
-            dim = splits.get(name)
-            state[name] = torch.cat(shards, dim=dim) if dim is not None and len(shards) > 1 else shards[0]
-    return state, meta
+    weights = ShardedTensors(path, meta, "weights")
+    return {name: weights.get(name) for name in weights.names()}, meta
 
 
 def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -21,6 +21,7 @@ from neo.model.gpt import GPT, flops_per_token, parameter_count, pipeline_module
 from neo.parallel import random as tp_random
 from neo.parallel.topology import Topology
 from neo.train import checkpoint as ckpt
+from neo.train import optimizer_state
 from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb, peak_tflops
 from neo.train.optim import ClippingAdamW, fused_adamw_supported, neo_clips, param_groups
 from neo.train.schedule import LRSchedule, schedule_from_config
@@ -163,8 +164,9 @@ class Trainer:
             ckpt.load(self.engine, plan.path)
         if plan.mode != "weights":
             self.iteration, self.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
-            if plan.mode == "reshape":  # DeepSpeed's scheduler state was not loaded: set its position
+            if plan.mode == "reshape":  # DeepSpeed's scheduler and optimizer state were not loaded: neo's files
                 self.scheduler.load_state_dict({"last_step": self.iteration})
+                plan.optimizer_fresh = optimizer_state.restore(self.engine, plan.path, meta, self.topo)
         log(f"neo: {plan.describe()}")
 
     def save(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,24 +174,69 @@ def test_load_weights_only_starts_fine_tuning_at_iteration_zero(uninterrupted, s
     assert all(torch.allclose(tuned[k], ref_weights[k], atol=1e-6) for k in ref_weights)
 
 
+def assert_same_curve(run: Path, ref: dict[int, float], steps: list[int], rel: float = 1e-4) -> None:
+    """The losses of ``run`` at ``steps`` are those of the uninterrupted run, within ``rel`` (fp32)."""
+    got = last_losses(run)
+    assert sorted(got) == steps
+    worst = max(abs(got[s] - ref[s]) / ref[s] for s in steps)
+    print(f"{run.name}: steps {steps[0]}-{steps[-1]} within {worst:.2e} relative of the uninterrupted run")
+    assert worst <= rel, f"after the reshape the loss curve left the uninterrupted one: {worst:.2e} relative"
+
+
+@pytest.mark.multiproc
+def test_reshape_zero1_dp2_to_zero0_keeps_adam_moments(uninterrupted, sample_tokens, tmp_path):
+    """Saved by 2 processes with ZeRO-1 (moments in flat DP partitions) at step 6, resumed by 1 process without
+    ZeRO: steps 7-12 give the uninterrupted run's losses. Fresh moments are ~1e-3 off (negative control)."""
+    _, ref_losses, _ = uninterrupted
+    two = tmp_path / "zero1"
+    run_training(two, f"data.train_paths=[{sample_tokens}]", *COMMON, "zero.stage=1", "batch.micro_batch_size=1",
+                 "schedule.exit_interval=6", nproc=2)
+    one = run_training(tmp_path / "zero0", f"data.train_paths=[{sample_tokens}]", *COMMON,
+                       f"checkpoint.load={two / 'checkpoints'}")
+    assert "optimizer state (Adam moments at step 6)" in one.output and "starts fresh" not in one.output
+    assert_same_curve(one.dir, ref_losses, list(range(7, STEPS + 1)))
+
+
+def test_reshape_without_saved_optimizer_state_says_the_moments_start_fresh(uninterrupted, sample_tokens, tmp_path):
+    """A checkpoint from before neo saved optimizer state still loads into another layout, and says so."""
+    src, _, _ = uninterrupted
+    old = tmp_path / "old" / "iter_00000012"
+    shutil.copytree(src / "checkpoints" / "iter_00000012", old)
+    meta = json.loads((old / "neo.json").read_text())
+    for rel in [r for r in meta["files"] if r.startswith("optim/")]:
+        (old / rel).unlink()
+        del meta["files"][rel]
+    del meta["optimizer_state"]
+    (old / "neo.json").write_text(json.dumps(meta))
+    run = run_training(tmp_path / "run", f"data.train_paths=[{sample_tokens}]", *COMMON, "schedule.iterations=14",
+                       "zero.stage=1", f"checkpoint.load={old}")
+    assert "the optimizer state (Adam moments) starts fresh: this checkpoint holds no optimizer state" in run.output
+    assert [r["step"] for r in run.records if "loss" in r] == [13, 14]
+
+
 @pytest.mark.multiproc
 def test_reshape_tp2_pp2_to_one_process_and_back(sample_tokens, tmp_path):
-    """Saved with tp 2 x pp 2 on 4 processes, loaded on 1 (and the reverse): same validation loss, trains on."""
+    """tp 2 x pp 2 on 4 processes saves at step 3; 1 process continues to step 6; tp 2 x pp 2 again to step 8.
+    Each leg's losses are those of an uninterrupted single-process run (moments carried both ways; a constant
+    learning rate, so that fresh moments would show: ~1e-3 off), and the validation loss right after each load
+    is the one the saving run measured."""
     args = (f"data.train_paths=[{sample_tokens}]", "schedule.warmup=2", "optimizer.lr=3e-3", "eval.iters=2",
-            "logging.interval=2", "batch.global_batch_size=8", "batch.micro_batch_size=2", "model.n_layers=3")
+            "logging.interval=2", "batch.global_batch_size=8", "batch.micro_batch_size=2", "model.n_layers=3",
+            "schedule.iterations=8", "schedule.decay=constant", "eval.interval=3", "checkpoint.save_interval=0",
+            "model.vocab_size=50432")  # tp 2 pads the vocabulary to 50432: the same model in both layouts
+    ref = last_losses(run_training(tmp_path / "ref", *args, "eval.interval=0").dir)
     four = tmp_path / "four"
-    src = run_training(four, *args, "schedule.iterations=4", "eval.interval=4", "parallel.tp=2", "parallel.pp=2",
-                       nproc=4)
-    one = run_training(tmp_path / "one", *args, "schedule.iterations=6", "eval.interval=6",
-                       f"checkpoint.load={four / 'checkpoints'}")
+    src = run_training(four, *args, "schedule.exit_interval=3", "parallel.tp=2", "parallel.pp=2", nproc=4)
+    one = run_training(tmp_path / "one", *args, "schedule.exit_interval=3", f"checkpoint.load={four / 'checkpoints'}")
     reshaped = [r for r in one.records if r.get("note")]
-    assert "optimizer state (Adam moments) starts fresh" in one.output
-    assert reshaped and reshaped[0]["step"] == 4
+    assert "optimizer state (Adam moments at step 3)" in one.output
+    assert reshaped and reshaped[0]["step"] == 3
     assert abs(reshaped[0]["valid_loss"] - src.valid_losses[-1]) <= 1e-5 * src.valid_losses[-1]
-    assert [r["step"] for r in one.records if "loss" in r] == [5, 6]
+    assert_same_curve(one.dir, ref, [4, 5, 6])
 
-    back = run_training(tmp_path / "back", *args, "schedule.iterations=8", "eval.interval=8", "parallel.tp=2",
-                        "parallel.pp=2", f"checkpoint.load={tmp_path / 'one' / 'checkpoints'}", nproc=4)
+    back = run_training(tmp_path / "back", *args, "parallel.tp=2", "parallel.pp=2",
+                        f"checkpoint.load={tmp_path / 'one' / 'checkpoints'}", nproc=4)
     again = [r for r in back.records if r.get("note")]
+    assert "optimizer state (Adam moments at step 6)" in back.output
     assert again and abs(again[0]["valid_loss"] - one.valid_losses[-1]) <= 1e-5 * one.valid_losses[-1]
-    assert [r["step"] for r in back.records if "loss" in r] == [7, 8]
+    assert_same_curve(back.dir, ref, [7, 8])

@@ -147,6 +147,24 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX). Without it PyTorch
+    emulates bf16 matmuls, measured ~250x slower than fp32 on an AVX2-only EPYC: a bf16 timing there
+    measures the emulation, not neo."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def transparent_hugepages() -> str | None:
+    """The kernel's THP mode ([madvise] or [always] lets THP_MEM_ALLOC_ENABLE take effect)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def environment() -> dict:
     """Versions and hardware. Imports torch, deepspeed and transformers (the benches need them anyway)."""
     import deepspeed
@@ -160,7 +178,10 @@ def environment() -> dict:
         tf_version = None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     hardware = {"cpu": cpu_model(), "cores": cores, "ram_gb": ram_gb(), "machine": platform.machine(),
-                "torch_threads": torch.get_num_threads(), "load_average_at_start": load_average()}
+                "torch_threads": torch.get_num_threads(), "load_average_at_start": load_average(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_native_bf16(),
+                "transparent_hugepages": transparent_hugepages(),
+                "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         hardware.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
@@ -188,6 +209,9 @@ def environment_markdown(env: dict) -> str:
         f"transformers {v['transformers']}" + (f", CUDA {v['cuda']}" if v.get("cuda") else ""),
         f"- hardware: {h['cpu']}, {h['cores']} cores, {h['ram_gb']} GB RAM, torch threads {h['torch_threads']}"
         + (f"; GPU {h['gpu']} ({h['gpu_memory_gb']} GB) x {h['gpu_count']}" if h.get("gpu") else "; no GPU"),
+        f"- CPU: capability {h.get('cpu_capability')}, native bf16 matmul {h.get('cpu_native_bf16')}; "
+        f"kernel THP `{h.get('transparent_hugepages')}`, THP_MEM_ALLOC_ENABLE={h.get('THP_MEM_ALLOC_ENABLE')} "
+        "(set by neo on import, see neo/__init__.py)",
         f"- load average (1/5/15 min) at start: {h['load_average_at_start']}"
         + (f", at end: {h['load_average_at_end']}" if h.get("load_average_at_end") else ""),
     ]

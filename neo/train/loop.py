@@ -90,7 +90,12 @@ class Trainer:
         if cfg.precision.dtype == "fp16" and self.device.type == "cpu":
             raise neo_config.ConfigError([
                 "precision.dtype = fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16 ('Type fp16 is not "
-                "supported on your device'). Fix: use precision.dtype: bf16 (or fp32) on CPU."])
+                "supported on your device'). Fix: use precision.dtype: fp32 on CPU (or bf16 where the CPU has "
+                "native bf16: AVX512-BF16 or AMX)."])
+        if cfg.precision.dtype == "bf16" and self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log(f"neo: warning: precision.dtype = bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()},"
+                " no AVX512-BF16/AMX): PyTorch emulates bf16 matrix multiplies, measured ~250x slower than fp32 on "
+                "such a CPU. Use precision.dtype: fp32 here.")
         torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout agrees across a TP group
         tp_random.seed(cfg.seed + 2718 + self.topo.coord.tensor)  # split heads: independent per TP rank
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)

@@ -39,6 +39,8 @@ def test_single_process_trains_and_reports(reference):
     meta = json.loads((ckpt / "neo.json").read_text())
     assert meta["iteration"] == STEPS and meta["consumed_samples"] == 8 * STEPS
     assert (reference.dir / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    # the end of the run says what to run next, on this run's checkpoints
+    assert f"neo: next: python launch/generate.py {reference.dir / 'checkpoints'} " in out
     record = next(r for r in reference.records if "tokens_per_s" in r)
     assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
 

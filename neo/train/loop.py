@@ -305,7 +305,7 @@ class Trainer:
         if code == 0:
             log(f"neo: done: {self.iteration} steps in {format_duration(time.perf_counter() - run_start)}. "
                 f"Checkpoint {path}; metrics {os.path.join(cfg.logging.dir, 'metrics.jsonl')}.")
-            root = cfg.checkpoint.dir
+            root = cfg.checkpoint_dir
             held_out = (" ".join(cfg.data.valid_paths) if cfg.data.valid_paths
                         else " ".join(cfg.data.train_paths) + " --split valid")
             log(f"neo: next: python launch/generate.py {root} --prompt \"Once\" --max-new-tokens 50   (sample text)\n"

@@ -124,6 +124,17 @@ class _Unfused(_TorchAdam):
             hp.copy_(local_slice(full[MASTER], p, topo, key))
 
 
+def _read_full(p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """``p``'s full moments (and fp32 master, when the module weight is not fp32) from a ZeRO optimizer,
+    through DeepSpeed's ``safe_get_full_*``: a collective over the data-parallel group."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
+    if p.dtype != torch.float32:
+        out[MASTER] = safe_get_full_fp32_param(p)
+    return out
+
+
 class _Fragments(_Accessor):
     """ZeRO-1/2 and BF16_Optimizer: DeepSpeed maps each module parameter to a fragment of flat fp32 partitions."""
 
@@ -141,12 +152,7 @@ class _Fragments(_Accessor):
 
     def read(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         """Full tensors (all-reduced over the data-parallel group: every rank calls this, in the same order)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        out = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
-        if p.dtype != torch.float32:
-            out[MASTER] = safe_get_full_fp32_param(p)
-        return out
+        return _read_full(p)
 
     def prepare(self, step: int) -> None:
         """Create Adam's state for each flat partition (ZeRO makes it in the first step) and link fragments."""
@@ -172,12 +178,7 @@ class _Zero3(_Accessor):
 
     def read(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         """Full tensors (all-gathered over the data-parallel group: every rank calls this, in the same order)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        out = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
-        if p.dtype != torch.float32:
-            out[MASTER] = safe_get_full_fp32_param(p)
-        return out
+        return _read_full(p)
 
     def prepare(self, step: int) -> None:
         """Create Adam's state for each flat fp32 sub-group (ZeRO-3 makes it in the first step)."""

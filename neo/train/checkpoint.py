@@ -359,8 +359,6 @@ class ShardedTensors:
         try:
             with safe_open(file, framework="pt") as f:
                 return fn(f)
-        except CheckpointError:
-            raise
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
             raise CheckpointError(f"{file} is unreadable ({e}); the checkpoint is corrupt.") from None
 

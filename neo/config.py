@@ -367,6 +367,7 @@ def _check(cfg: Config, b: _Builder) -> None:
                     positive("model.max_position_embeddings", m.max_position_embeddings),
                     positive("parallel.tp", par.tp), positive("parallel.pp", par.pp)])
     positive("parallel.activation_checkpoint_interval", par.activation_checkpoint_interval, allow_zero=True)
+    positive("model.loss_chunk_size", m.loss_chunk_size, allow_zero=True)
     if not sizes_ok:
         return
     if m.hidden_size % m.n_heads:

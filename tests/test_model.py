@@ -58,6 +58,46 @@ def test_other_shapes_equal_transformers():
     assert compare(args, torch.float64, seed=3) < 1e-9
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("chunk", [0, 7, 1024], ids=["unfused", "chunk7", "chunk1024"])
+def test_training_loss_and_every_gradient_equal_transformers(tie, chunk):
+    """The loss path of training: head and loss fused over chunks of tokens (7 leaves a remainder of
+    48 tokens; 1024 is one chunk) or unfused (0). Loss and each gradient against transformers' in fp64,
+    with the loss scaled by 3 before backward (as a loss scale or 1/accumulation does)."""
+    args = ModelArgs(n_layers=2, hidden_size=64, n_heads=4, vocab_size=384, seq_length=24, tie_embeddings=tie,
+                     loss_chunk_size=chunk)
+    model = randomized(args).double()
+    ref = transformers.GPTNeoXForCausalLM(hf_config(args)).double()
+    load_into_hf(ref, model.state_dict(), args)
+    ids = torch.randint(0, args.vocab_size, (2, args.seq_length + 1), generator=torch.Generator().manual_seed(1))
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+
+    loss = model(inputs, labels)
+    (3 * loss).backward()
+    ref_loss = torch.nn.functional.cross_entropy(ref(inputs).logits.flatten(0, 1), labels.flatten())
+    (3 * ref_loss).backward()
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-12
+    ours = to_hf_state_dict({name: p.grad for name, p in model.named_parameters()}, args)
+    theirs = {name.replace("lm_head.", "embed_out."): p.grad for name, p in ref.named_parameters()}
+    for name, grad in theirs.items():
+        assert ((ours[name] - grad).abs().max() / grad.abs().max()).item() < 1e-9, name
+    with torch.no_grad():  # evaluation: the same loss without the gradient work
+        assert abs(model(inputs, labels).item() - ref_loss.item()) / ref_loss.item() < 1e-12
+
+
+def test_fused_loss_with_a_frozen_head_still_back_propagates_into_the_body():
+    args = ModelArgs(n_layers=2, hidden_size=32, n_heads=4, vocab_size=128, seq_length=16, loss_chunk_size=5)
+    fused, unfused = randomized(args).double(), randomized(args).double()
+    unfused.layers[-1].loss_chunk_size = 0
+    ids = torch.randint(0, args.vocab_size, (2, args.seq_length + 1), generator=torch.Generator().manual_seed(2))
+    for model in (fused, unfused):
+        model.layers[-1].embed_out.weight.requires_grad_(False)
+        model(ids[:, :-1], ids[:, 1:]).backward()
+    assert fused.layers[-1].embed_out.weight.grad is None
+    assert torch.allclose(fused.layers[1].mlp.dense_h_to_4h.weight.grad, unfused.layers[1].mlp.dense_h_to_4h.weight.grad,
+                          rtol=1e-10, atol=0)
+
+
 def test_negative_control_detects_a_changed_weight():
     args = ModelArgs(n_layers=2, hidden_size=64, n_heads=4, vocab_size=256, seq_length=16)
     assert compare(args, torch.float64, perturb=True) > 1e-4

@@ -166,12 +166,13 @@ def _slice(full: GPT, name: str, p: torch.Tensor, world: int, rank: int, grad: b
     return t if dim is None else t.chunk(world, dim)[rank]
 
 
-MODEL_SHAPES = [
-    dict(parallel_residual=True, rotary_pct=0.25, tie_embeddings=False),
-    dict(parallel_residual=False, rotary_pct=1.0, tie_embeddings=True),
+MODEL_SHAPES = [  # loss_chunk_size: the fused head + loss over 7 chunks (5 tokens, a remainder), or unfused (0)
+    dict(parallel_residual=True, rotary_pct=0.25, tie_embeddings=False, loss_chunk_size=5),
+    dict(parallel_residual=False, rotary_pct=1.0, tie_embeddings=True, loss_chunk_size=0),
     dict(parallel_residual=True, rotary_pct=0.5, tie_embeddings=False, norm="rmsnorm", activation="swiglu",
          position_embedding="rotary"),
-    dict(parallel_residual=True, rotary_pct=0.25, position_embedding="learned", tie_embeddings=True),
+    dict(parallel_residual=True, rotary_pct=0.25, position_embedding="learned", tie_embeddings=True,
+         loss_chunk_size=5),
 ]
 
 

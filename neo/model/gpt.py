@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from neo.model.args import ModelArgs
 from neo.model.layers import Block, Context, LearnedPositions, init_stds, make_norm, sinusoidal_table
-from neo.parallel.cross_entropy import vocab_parallel_cross_entropy
+from neo.parallel.cross_entropy import fused_head_cross_entropy, vocab_parallel_cross_entropy
 from neo.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from neo.parallel.mappings import copy_to_region
 
 
 class Embedding(nn.Module):
@@ -36,7 +37,7 @@ class Embedding(nn.Module):
         elif args.position_embedding == "sinusoidal":
             self.register_buffer("sinusoidal", sinusoidal_table(args.max_positions, args.hidden_size),
                                  persistent=False)
-        self.kind = args.position_embedding
+        self.kind, self.tp_group, self.loss_chunk_size = args.position_embedding, tp_group, args.loss_chunk_size
         self.dropout = nn.Dropout(args.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
@@ -50,6 +51,9 @@ class Embedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings.logits(hidden)
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _head_loss(hidden, self.word_embeddings.weight, labels, self.tp_group, self.loss_chunk_size)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         self.word_embeddings.reset_parameters(generator)
@@ -66,23 +70,37 @@ class FinalNorm(nn.Module):
         return self.final_layer_norm(x)
 
 
+def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tp_group, chunk: int) -> torch.Tensor:
+    """Head and mean loss in one pass over chunks of tokens (``model.loss_chunk_size``; 0: unfused)."""
+    if chunk == 0:
+        return loss_fn(torch.nn.functional.linear(copy_to_region(hidden, tp_group), weight), labels, tp_group)
+    return fused_head_cross_entropy(copy_to_region(hidden, tp_group), weight, labels, tp_group, chunk)
+
+
 class Head(nn.Module):
-    """Untied output projection, column-parallel over the vocabulary (logits stay split)."""
+    """Untied output projection, column-parallel over the vocabulary (logits stay split).
+
+    Called with ``labels`` it returns the mean loss instead of the logits (``_head_loss``); the loss is
+    computed inside this module's call so that ZeRO-3 has gathered the weight.
+    """
 
     def __init__(self, args: ModelArgs, tp_group=None):
         super().__init__()
         self.embed_out = ColumnParallelLinear(args.hidden_size, args.vocab_size, bias=False,
                                               init_std=init_stds(args)[0], tp_group=tp_group)
+        self.tp_group, self.loss_chunk_size = tp_group, args.loss_chunk_size
 
-    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            return _head_loss(x, self.embed_out.weight, labels, self.tp_group, self.loss_chunk_size)
         return self.embed_out(x)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         self.embed_out.reset_parameters(generator)
 
 
-def _tied_head(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
-    return embedding.logits(x)
+def _tied_head(embedding: Embedding, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    return embedding.logits(x) if labels is None else embedding.head_loss(x, labels)
 
 
 @dataclass
@@ -125,7 +143,8 @@ class GPT(nn.Module):
     """The plain (pp = 1) form: runs the layer list in order.
 
     ``forward(tokens)`` returns this rank's logits (vocabulary-split under TP);
-    ``forward(tokens, labels)`` returns the mean loss.
+    ``forward(tokens, labels)`` returns the mean loss, from the head and loss fused over chunks of
+    tokens (``model.loss_chunk_size``), so the full logits are never held.
     """
 
     def __init__(self, args: ModelArgs, *, tp_group=None, seed: int = 1234, checkpoint_interval: int = 0):
@@ -147,12 +166,13 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 ctx: Context | None = None) -> torch.Tensor:
         x = tokens
-        for layer in self.layers:
+        *body, head = self.layers
+        for layer in body:
             if self.checkpoint_interval and self.training and isinstance(layer, Block):
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x, ctx)
-        return x if labels is None else loss_fn(x, labels, self.tp_group)
+        return head(x, ctx, labels=labels)
 
 
 class _TiedCall(nn.Module):
@@ -166,8 +186,8 @@ class _TiedCall(nn.Module):
         self.__dict__["target"] = module
         self.fn = fn
 
-    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
-        return self.fn(self.target, x)
+    def forward(self, x: torch.Tensor, ctx: Context | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fn(self.target, x, labels)
 
 
 def parameter_count(args: ModelArgs) -> dict[str, int]:

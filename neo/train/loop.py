@@ -23,7 +23,13 @@ from neo.parallel.topology import Topology
 from neo.train import checkpoint as ckpt
 from neo.train import optimizer_state
 from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb, peak_tflops
-from neo.train.optim import ClippingAdamW, fused_adamw_supported, neo_clips, param_groups
+from neo.train.optim import (
+    ClippingAdamW,
+    fp32_zero_grad_norms,
+    fused_adamw_supported,
+    neo_clips,
+    param_groups,
+)
 from neo.train.schedule import LRSchedule, schedule_from_config
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved, stopped early, run me again"; slurm/train.sbatch requeues on it
@@ -129,6 +135,8 @@ class Trainer:
         else:
             optimizer = torch.optim.AdamW(groups, **adam)
         lr_fn = schedule_from_config(cfg.schedule, cfg.optimizer)
+        if self.device.type == "cpu" and cfg.zero.stage > 0:
+            fp32_zero_grad_norms()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lambda opt: LRSchedule(opt, lr_fn),
             config=neo_config.deepspeed_config(cfg),

@@ -13,6 +13,8 @@ LR schedule function:
                  every position) on its logits
   neo-plain      neo's GPT in the same plain loop (no DeepSpeed), with neo's AdamW implementation
                  (optimizer.fused), so that neo-deepspeed / neo-plain is DeepSpeed's overhead alone
+  neo-plain-unfused  neo-plain with model.loss_chunk_size = 0: the full logits, then the loss (what the
+                 fused output head + loss saves)
   neo-deepspeed  neo's real Trainer (its DeepSpeed engine, ZeRO-1 by default; only its tokenizer and
                  dataset loaders stubbed, see bench/common.py), stepped by Trainer.train_step itself
 
@@ -42,7 +44,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,8 +218,8 @@ def build_variants(args, base_cfg_for, env, device) -> list[Variant]:
     def batches():  # every variant sees the same sequence of batches
         return itertools.cycle(pool)
 
-    def neo_model():
-        return GPT(model_args, seed=cfg32.seed)
+    def neo_model(**changes):
+        return GPT(replace(model_args, **changes), seed=cfg32.seed)
 
     def hf_model():
         hf = GPTNeoXForCausalLM(hf_config(model_args, attn_implementation="sdpa"))
@@ -236,6 +238,8 @@ def build_variants(args, base_cfg_for, env, device) -> list[Variant]:
             fused = cfg.optimizer.fused and fused_adamw_supported(device)
             variants.append(Variant("neo-plain", dtype, recipe, PlainLoop(neo_model(), neo_forward, cfg, recipe,
                                                                           device, batches(), fused)))
+            variants.append(Variant("neo-plain-unfused", dtype, recipe, PlainLoop(
+                neo_model(loss_chunk_size=0), neo_forward, cfg, recipe, device, batches(), fused)))
         variants.append(Variant("neo-deepspeed", dtype, "deepspeed", deepspeed_step(cfg, env, batches())))
     return variants
 
@@ -428,6 +432,9 @@ def summarise(args, variants: list[Variant], tokens_per_step: int, fpt: float, t
                   "overhead" if recipe in ("fp32", "master") else None)
         for recipe in recipes:
             ratio("neo plain vs transformers plain", find("neo-plain", dtype, recipe), find("hf", dtype, recipe))
+        for recipe in recipes:
+            ratio("fused output head + loss vs unfused", find("neo-plain", dtype, recipe),
+                  find("neo-plain-unfused", dtype, recipe))
     return {"results": [r for _, r in rows], "ratios": ratios}
 
 

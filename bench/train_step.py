@@ -412,14 +412,17 @@ def summarise(args, variants: list[Variant], tokens_per_step: int, fpt: float, t
         paired = [a / b for a, b, ka, kb in zip(n["tokens_per_s"], d["tokens_per_s"], keep[id(vn)], keep[id(vd)])
                   if ka and kb]
         value = n["median_tokens_per_s"] / d["median_tokens_per_s"]
+        paired_median = statistics.median(paired) if paired else value
         entry = {"comparison": what, "dtype": n["dtype"], "numerator": n["label"], "denominator": d["label"],
-                 "ratio": value, "pairs": len(paired),
+                 "ratio": value, "paired_median": paired_median, "pairs": len(paired),
                  "paired_min": min(paired) if paired else None, "paired_max": max(paired) if paired else None}
+        # Met only if both estimates meet it: on a noisy machine they can disagree by several percent.
+        worst = min(value, paired_median)
         if kind == "speed":
-            entry.update(target=f">= {target:.2f}x", met=value >= target)
+            entry.update(target=f">= {target:.2f}x", met=worst >= target)
         elif kind == "overhead":
             overhead = 1 / value - 1  # extra time per step of the numerator's step over the denominator's
-            entry.update(overhead=overhead, target=f"overhead <= {target:.0%}", met=overhead <= target)
+            entry.update(overhead=overhead, target=f"overhead <= {target:.0%}", met=1 / worst - 1 <= target)
         ratios.append(entry)
 
     for dtype in args.dtypes.split(","):
@@ -494,13 +497,15 @@ def markdown(r: dict) -> str:
         verdict = ("met" if x["met"] else "NOT met") + f" ({x['target']})" if "met" in x else ""
         shown = f"{x['ratio']:.3f}x" + (f" (overhead {x['overhead']:+.1%})" if "overhead" in x else "")
         spread = f"{x['paired_min']:.3f}-{x['paired_max']:.3f} ({x['pairs']})" if x["pairs"] else "no clean pair"
-        rows.append([x["comparison"], x["dtype"], f"{x['numerator']} / {x['denominator']}", shown, spread, verdict])
+        rows.append([x["comparison"], x["dtype"], f"{x['numerator']} / {x['denominator']}", shown,
+                     f"{x['paired_median']:.3f}x" if x["pairs"] else "", spread, verdict])
     out.append(common.markdown_table(["comparison", "dtype", "tokens/s ratio", "ratio of medians",
-                                      "per-round range (pairs)", "target"], rows))
+                                      "median of per-round ratios", "per-round range (pairs)", "target"], rows))
     out += [f"- note: {n}" for n in r.get("notes", [])]
     out += ["", "Overhead = DeepSpeed step time / plain step time - 1 (= 1/ratio - 1). Targets (issue): neo >= 1.0x "
             "transformers; DeepSpeed overhead <= 10% over neo's plain loop with the same precision recipe. The "
-            "per-round range is over rounds in which both variants were clean."]
+            "per-round ratios are over rounds in which both variants were clean. A target counts as met only when "
+            "both the ratio of medians and the median of the per-round ratios meet it."]
     return "\n".join(out) + "\n"
 
 

@@ -98,6 +98,25 @@ def test_fused_loss_with_a_frozen_head_still_back_propagates_into_the_body():
                           rtol=1e-10, atol=0)
 
 
+def test_fused_loss_under_autocast_matches_the_unfused_head_and_loss():
+    """Under torch.autocast(bf16) (a user's mixed precision; neo's own runs cast the model) the fused loss
+    works and gives the unfused loss and gradients."""
+    args = ModelArgs(n_layers=2, hidden_size=32, n_heads=4, vocab_size=128, seq_length=16, loss_chunk_size=5)
+    fused, unfused = randomized(args), randomized(args)
+    unfused.layers[-1].loss_chunk_size = 0
+    ids = torch.randint(0, args.vocab_size, (2, args.seq_length + 1), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for model in (fused, unfused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for a, b in zip(fused.parameters(), unfused.parameters()):
+        assert a.grad.dtype == torch.float32
+        assert ((a.grad - b.grad).norm() / b.grad.norm()).item() < 2e-2
+
+
 def test_negative_control_detects_a_changed_weight():
     args = ModelArgs(n_layers=2, hidden_size=64, n_heads=4, vocab_size=256, seq_length=16)
     assert compare(args, torch.float64, perturb=True) > 1e-4

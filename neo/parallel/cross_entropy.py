@@ -9,8 +9,8 @@ output head's weight, and runs head and loss over chunks of tokens, computing th
 inputs as it goes (the softmax minus the one-hot target is all the backward pass needs). The full
 [tokens, vocab] logits, their fp32 copy and their gradient are never held: at a 50k vocabulary those
 are ~0.6 MB per token, more than the rest of a small model's activations. The matmul FLOPs are the
-same as head + loss; on a CPU the step is ~8% faster (bench/train_step.py), from not streaming the
-logits through memory four times.
+same as head + loss; on a CPU the training step is 8-12% faster (bench/results/train_step-fused-loss-*),
+from not streaming the logits through memory several times.
 """
 
 from __future__ import annotations

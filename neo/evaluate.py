@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 JSONL = (".jsonl", ".json", ".ndjson")
@@ -97,7 +96,6 @@ def token_nll(
     if n < 1:
         return 0.0, 0
     device = next(model.parameters()).device
-    batch_size = rows_per_batch(batch_size, seq_length, model.args.vocab_size)
     starts = list(range(0, n, seq_length))
     total = 0.0
     full = [s for s in starts if s + seq_length <= n]
@@ -111,19 +109,10 @@ def token_nll(
     return total, n
 
 
-LOGITS_BUDGET = (
-    1 << 27
-)  # fp32 logits elements per forward (512 MiB): a 2k context x 50k vocab is 400 MiB a row
-
-
-def rows_per_batch(batch_size: int, seq_length: int, vocab_size: int) -> int:
-    """``batch_size``, lowered so one forward's fp32 logits stay within LOGITS_BUDGET (at least one row)."""
-    return max(1, min(batch_size, LOGITS_BUDGET // max(1, seq_length * vocab_size)))
-
-
 def _nll(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-    logits = model(inputs).float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+    """Summed loss through the model's training loss path: the head and the loss fused over chunks of
+    tokens (``model.loss_chunk_size``), so a batch never holds its [tokens, vocab] logits."""
+    return model(inputs, labels).item() * labels.numel()
 
 
 # ------------------------------------------------------------------------------------------------- inputs

@@ -33,8 +33,17 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("lm-eval is not installed: pip install 'lm-eval>=0.4.13' (the neo[eval] extra)") from e
 
-from neo.evaluate import rows_per_batch
 from neo.generate import Generator, SamplingParams
+
+# fp32 logits elements per forward (512 MiB): a 2k context x 50k vocab is 400 MiB a row. Scoring needs each
+# position's log-probabilities, so here (unlike the loss) the logits are materialised.
+LOGITS_BUDGET = 1 << 27
+
+
+def rows_per_batch(batch_size: int, seq_length: int, vocab_size: int) -> int:
+    """``batch_size``, lowered so one forward's fp32 logits stay within LOGITS_BUDGET (at least one row)."""
+    return max(1, min(batch_size, LOGITS_BUDGET // max(1, seq_length * vocab_size)))
+
 
 DTYPES = {
     "fp32": torch.float32,

@@ -13,6 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "ds_configs" / "models" / "tiny.yml")
+# bf16 runs compare with the fp32 curve over its first 5 steps: the fp32 run's schedule, stopped by
+# schedule.exit_interval. On CPUs without AVX512-BF16/AMX PyTorch emulates bf16 matrix multiplies
+# (~250x slower than fp32, mostly the 50k-vocabulary head), so every bf16 step costs seconds.
+BF16_FIRST_STEPS = ("schedule.exit_interval=5",)
 
 
 @pytest.fixture(scope="session")

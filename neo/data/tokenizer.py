@@ -120,8 +120,11 @@ def _parse_ranks(data: bytes, where: str) -> dict[bytes, int]:
     return ranks
 
 
-def _data_gym_ranks(encoder_json: Path, vocab_bpe: Path) -> tuple[dict[bytes, int], dict, str]:
+def _data_gym_ranks(encoder_json: Path, vocab_bpe: Path, check_merges: bool = True) -> tuple[dict[bytes, int], dict, str]:
     """Ranks from GPT-2-style encoder.json + vocab.bpe, the decoded encoder, and a sha256 of both.
+
+    ``check_merges``: verify that the ranks follow the merges file (0.2 s); files whose sha256 is
+    tiktoken's own need no check.
 
     Same conversion as tiktoken.load.data_gym_to_mergeable_bpe_ranks, done here because that one
     copies local files into tiktoken's download cache and may serve a stale copy of an edited file.
@@ -133,7 +136,7 @@ def _data_gym_ranks(encoder_json: Path, vocab_bpe: Path) -> tuple[dict[bytes, in
     try:
         encoder = json.loads(enc_bytes)
         ranks = {bytes(byte_of[c] for c in k): v for k, v in encoder.items() if k not in (ENDOFTEXT, "<|startoftext|>")}
-        merges = [line.split() for line in bpe_bytes.decode().split("\n")[1:-1]]
+        merges = [line.split() for line in bpe_bytes.decode().split("\n")[1:-1]] if check_merges else []
         # tiktoken merges by rank, so the ranks must follow the order of the merges file.
         for i, (a, b) in enumerate(merges):
             if ranks[bytes(byte_of[c] for c in a + b)] != 256 + i:
@@ -171,7 +174,7 @@ def _from_package(name: str) -> Tokenizer | None:
         enc_json, vocab = paths
         if (_sha256(enc_json.read_bytes()), _sha256(vocab.read_bytes())) != (_GPT2_ENCODER_SHA, _GPT2_VOCAB_SHA):
             raise TokenizerError(f"{module}'s GPT-2 files do not match tiktoken's sha256; reinstall {module}")
-        ranks = _data_gym_ranks(enc_json, vocab)[0]
+        ranks = _data_gym_ranks(enc_json, vocab, check_merges=False)[0]
     else:
         data = gzip.decompress(paths[0].read_bytes())
         if _sha256(data) != {"cl100k_base": _CL100K_SHA, "o200k_base": _O200K_SHA}[name]:

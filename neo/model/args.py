@@ -39,7 +39,7 @@ class ModelArgs:
     init_std: float = 0.02  # std of init_method "normal"
     attention_dropout: float = 0.0  # dropout on attention probabilities (Pythia: 0)
     hidden_dropout: float = 0.0  # dropout on embeddings and residual branches
-    # Tokens per chunk of the fused output head + loss (pp = 1): the loss holds [chunk, vocab] logits at a
+    # Tokens per chunk of the fused output head + loss: the loss holds [chunk, vocab] logits at a
     # time, never all [tokens, vocab]. 0: all logits, then the loss. Changes memory and speed, not results.
     loss_chunk_size: int = 1024
 

@@ -9,7 +9,7 @@ the single-process model has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -91,16 +91,47 @@ class Head(nn.Module):
         self.tp_group, self.loss_chunk_size = tp_group, args.loss_chunk_size
 
     def forward(self, x: torch.Tensor, ctx: Context | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if labels is not None:
-            return _head_loss(x, self.embed_out.weight, labels, self.tp_group, self.loss_chunk_size)
-        return self.embed_out(x)
+        return self.embed_out(x) if labels is None else self.head_loss(x, labels)
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _head_loss(hidden, self.embed_out.weight, labels, self.tp_group, self.loss_chunk_size)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         self.embed_out.reset_parameters(generator)
 
 
+class PipelineHead(Head):
+    """The untied head as the pipeline form's last layer: it passes the hidden states on, and the
+    pipeline's loss (``PipelineLoss``) applies its weight fused with the loss."""
+
+    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+        return x
+
+
 def _tied_head(embedding: Embedding, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     return embedding.logits(x) if labels is None else embedding.head_loss(x, labels)
+
+
+def _pass_hidden(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+    """The tied head as the pipeline form's last layer (see ``PipelineHead``)."""
+    return x
+
+
+class PipelineLoss:
+    """DeepSpeed's ``loss_fn`` for the pipeline form: the output head fused with the loss.
+
+    DeepSpeed calls ``loss_fn(outputs, labels)`` on the last stage with what its last layer returned.
+    That layer passes the hidden states through, and this applies the head's weight and the loss in
+    one pass over chunks of tokens (``_head_loss``), so the last stage never holds the [tokens, vocab]
+    logits either. ``head`` (the ``PipelineHead``, or the embedding for a tied head) is bound once the
+    last stage is built.
+    """
+
+    def __init__(self):
+        self.head: Head | Embedding | None = None
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head.head_loss(hidden, labels)
 
 
 @dataclass
@@ -222,22 +253,26 @@ def pipeline_module(args: ModelArgs, topo, *, seed: int = 1234, partition_method
 
     Each stage builds only its layers; each layer is initialised from its own (seed, index) generator,
     so the weights equal the plain model's. The tied head becomes a ``TiedLayerSpec`` that shares the
-    embedding's weight across the first and last stages.
+    embedding's weight across the first and last stages. The head layer passes the hidden states on and
+    the loss applies it (``PipelineLoss``), as the plain form fuses head and loss.
     """
-    from functools import partial
-
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
+    *body, head = layer_specs(args, topo.tensor_group)
+    head = replace(head, forward_fn=_pass_hidden) if head.tie_key else replace(head, cls=PipelineHead)
     specs = []
-    for spec in layer_specs(args, topo.tensor_group):
+    for spec in (*body, head):
         if spec.tie_key is not None:
             specs.append(TiedLayerSpec(spec.tie_key, spec.cls, forward_fn=spec.forward_fn,
                                        tied_weight_attr=["word_embeddings.weight"], **spec.kwargs))
         else:
             specs.append(LayerSpec(spec.cls, **spec.kwargs))
-    module = PipelineModule(layers=specs, topology=topo.deepspeed_topology(),
-                            loss_fn=partial(loss_fn, tp_group=topo.tensor_group), partition_method=partition_method,
-                            activation_checkpoint_interval=checkpoint_interval, checkpointable_layers=["Block"])
+    loss = PipelineLoss()
+    module = PipelineModule(layers=specs, topology=topo.deepspeed_topology(), loss_fn=loss,
+                            partition_method=partition_method, activation_checkpoint_interval=checkpoint_interval,
+                            checkpointable_layers=["Block"])
+    if module.stage_id == module.num_stages - 1:
+        loss.head = module.tied_modules[head.tie_key] if head.tie_key else module.forward_funcs[-1]
     for name, child in module.named_children():
         if name.isdigit():
             init_layer(child, seed, int(name))

@@ -24,8 +24,13 @@ RESULTS = ROOT / "bench" / "results"
 # The ~20M-parameter shape both benches use. With GPT-2's 50k vocabulary a model this small is mostly
 # its output layer (50304 x 256 is 2/3 of the FLOPs of a 6-layer, 256-wide model); vocab 12288 keeps the
 # head at ~30% of the matmul FLOPs, as in the 100M-1B models neo is for. 6 heads of 64 split over tp = 2.
-DEFAULT_MODEL = ["model.n_layers=6", "model.hidden_size=384", "model.n_heads=6", "model.seq_length=256",
-                 "model.vocab_size=12288"]
+DEFAULT_MODEL = [
+    "model.n_layers=6",
+    "model.hidden_size=384",
+    "model.n_heads=6",
+    "model.seq_length=256",
+    "model.vocab_size=12288",
+]
 
 
 def build_trainer(cfg, env):
@@ -103,8 +108,9 @@ def command_line() -> str:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -112,8 +118,10 @@ def _git(*args: str) -> str:
 def git_state() -> dict:
     """The commit, and which tracked files under neo/ differ from it: a record from a dirty tree
     measured code that no commit holds, and the reader should know."""
-    return {"commit": _git("rev-parse", "HEAD") or "unknown",
-            "neo_modified": [f for f in _git("diff", "--name-only", "HEAD", "--", "neo").splitlines() if f]}
+    return {
+        "commit": _git("rev-parse", "HEAD") or "unknown",
+        "neo_modified": [f for f in _git("diff", "--name-only", "HEAD", "--", "neo").splitlines() if f],
+    }
 
 
 def cpu_model() -> str:
@@ -177,22 +185,37 @@ def environment() -> dict:
     except ImportError:
         tf_version = None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    hardware = {"cpu": cpu_model(), "cores": cores, "ram_gb": ram_gb(), "machine": platform.machine(),
-                "torch_threads": torch.get_num_threads(), "load_average_at_start": load_average(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_native_bf16(),
-                "transparent_hugepages": transparent_hugepages(),
-                "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
+    hardware = {
+        "cpu": cpu_model(),
+        "cores": cores,
+        "ram_gb": ram_gb(),
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": load_average(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_native_bf16(),
+        "transparent_hugepages": transparent_hugepages(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        hardware.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
-                        gpu_memory_gb=round(props.total_memory / 2**30, 1))
+        hardware.update(
+            gpu=torch.cuda.get_device_name(0),
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+        )
     return {
         "date": dt.date.today().isoformat(),
         "time": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command_line(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "deepspeed": deepspeed.__version__, "transformers": tf_version,
-                     "cuda": torch.version.cuda, "neo": git_state()},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "transformers": tf_version,
+            "cuda": torch.version.cuda,
+            "neo": git_state(),
+        },
         "hardware": hardware,
     }
 
@@ -224,7 +247,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def write_record(name: str, record: dict, markdown: str, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+def write_record(
+    name: str, record: dict, markdown: str, out_dir: str | Path | None = None
+) -> tuple[Path, Path]:
     """Write ``<name>-<date>.json`` and ``.md``; a same-day rerun replaces that day's record."""
     record["hardware"]["load_average_at_end"] = load_average()
     out = Path(out_dir) if out_dir else RESULTS

@@ -51,12 +51,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layouts", default="1x2,2x2", help="comma list of TPxDP (processes = tp * dp)")
     p.add_argument("--stages", default="0,1,2,3", help="ZeRO stages")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32")
-    p.add_argument("--config", action="append", default=[], metavar="FILE.yml",
-                   help="neo config files applied over the default ~20M shape (repeatable)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="neo config override (repeatable)")
-    p.add_argument("--seq", type=int, default=64, help="sequence length of the two steps (memory of model "
-                   "state does not depend on it; short keeps the run fast)")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE.yml",
+        help="neo config files applied over the default ~20M shape (repeatable)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="neo config override (repeatable)",
+    )
+    p.add_argument(
+        "--seq",
+        type=int,
+        default=64,
+        help="sequence length of the two steps (memory of model "
+        "state does not depend on it; short keeps the run fast)",
+    )
     p.add_argument("--timeout-minutes", type=int, default=5, help="collective timeout of each job")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--no-record", action="store_true", help="print only; write no files")
@@ -64,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- measuring one rank
+
 
 def _storage(t) -> tuple[int, int]:
     s = t.untyped_storage()
@@ -93,8 +110,11 @@ def _walk(obj, found: dict, seen: set, path: str = "", depth: int = 0) -> None:
     elif isinstance(obj, (list, tuple, set)):
         for i, value in enumerate(obj):
             _walk(value, found, seen, f"{path}[{i}]", depth + 1)
-    elif (hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type))
-          and type(obj).__module__.startswith(("deepspeed", "torch.optim", "neo"))):
+    elif (
+        hasattr(obj, "__dict__")
+        and not isinstance(obj, (torch.nn.Module, type))
+        and type(obj).__module__.startswith(("deepspeed", "torch.optim", "neo"))
+    ):
         for key, value in vars(obj).items():
             _walk(value, found, seen, f"{path}.{key}", depth + 1)
 
@@ -140,16 +160,30 @@ def measure(engine) -> dict:
             grads += nbytes
         largest.append((nbytes, path))
     largest.sort(reverse=True)
-    return {"params": params, "grads": grads, "master": master, "adam": adam, "buffers": buffers,
-            "optimizer": " > ".join(chain), "other_tensors": [{"bytes": b, "path": p} for b, p in largest[:6]]}
+    return {
+        "params": params,
+        "grads": grads,
+        "master": master,
+        "adam": adam,
+        "buffers": buffers,
+        "optimizer": " > ".join(chain),
+        "other_tensors": [{"bytes": b, "path": p} for b, p in largest[:6]],
+    }
 
 
 def worker(local_rank: int, case: dict, port: int, out_dir: str) -> None:
     """One rank of one case: build, one step, a second forward/backward, measure, write JSON."""
     world = case["tp"] * case["dp"]
-    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        CUDA_VISIBLE_DEVICES="",
+        DS_ACCELERATOR="cpu",
+    )
     import torch
 
     from neo import distributed
@@ -161,8 +195,9 @@ def worker(local_rank: int, case: dict, port: int, out_dir: str) -> None:
     engine, topo = trainer.engine, trainer.topo
     tp_local = sum(p.numel() for p in engine.module.parameters()) if cfg.zero.stage < 3 else None
     g = torch.Generator().manual_seed(env.rank // topo.tp)  # same batch within a TP group, as a dataset gives
-    batch = torch.randint(0, cfg.model.vocab_size, (cfg.batch.micro_batch_size, cfg.model.seq_length + 1),
-                          generator=g)
+    batch = torch.randint(
+        0, cfg.model.vocab_size, (cfg.batch.micro_batch_size, cfg.model.seq_length + 1), generator=g
+    )
     for step in range(2):
         loss = engine(batch[:, :-1], batch[:, 1:])
         engine.backward(loss)
@@ -176,6 +211,7 @@ def worker(local_rank: int, case: dict, port: int, out_dir: str) -> None:
 
 
 # --------------------------------------------------------------------------- running the cases
+
 
 def run_case(case: dict) -> dict:
     """Run one case as a fresh job of tp x dp processes; its per-rank results, or the error it ended with.
@@ -196,8 +232,11 @@ def run_case(case: dict) -> dict:
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
     seconds = round(time.perf_counter() - t0, 1)
     if len(ranks) != world:
-        return {"error": exit_error or f"only {len(ranks)} of {world} ranks wrote results", "ranks_done": len(ranks),
-                "seconds": seconds}
+        return {
+            "error": exit_error or f"only {len(ranks)} of {world} ranks wrote results",
+            "ranks_done": len(ranks),
+            "seconds": seconds,
+        }
     out = {"ranks": sorted(ranks, key=lambda r: r["rank"]), "seconds": seconds}
     if exit_error:
         out["exit_error"] = exit_error
@@ -206,16 +245,22 @@ def run_case(case: dict) -> dict:
 
 def expected_ratios(tp: int, dp: int, stage: int, dtype: str) -> dict[str, float]:
     full, split = 1 / tp, 1 / (tp * dp)
-    return {"params": split if stage >= 3 else full,
-            "grads": split if stage >= 2 else full,
-            "master": 0.0 if (dtype == "fp32" and stage == 0) else (split if stage >= 1 else full),
-            "adam": split if stage >= 1 else full}
+    return {
+        "params": split if stage >= 3 else full,
+        "grads": split if stage >= 2 else full,
+        "master": 0.0 if (dtype == "fp32" and stage == 0) else (split if stage >= 1 else full),
+        "adam": split if stage >= 1 else full,
+    }
 
 
 def reference_bytes(total_params: int, dtype: str) -> dict[str, int]:
     b = 4 if dtype == "fp32" else 2
-    return {"params": total_params * b, "grads": total_params * b, "master": total_params * 4,
-            "adam": total_params * 8}
+    return {
+        "params": total_params * b,
+        "grads": total_params * b,
+        "master": total_params * 4,
+        "adam": total_params * 8,
+    }
 
 
 def main(argv=None) -> int:
@@ -226,22 +271,44 @@ def main(argv=None) -> int:
 
     record = common.environment()
     layouts = [tuple(int(x) for x in item.lower().split("x")) for item in args.layouts.split(",")]
-    base = [*common.DEFAULT_MODEL, *common.BENCH_SETTINGS, f"model.seq_length={args.seq}", "batch.micro_batch_size=1"]
+    base = [
+        *common.DEFAULT_MODEL,
+        *common.BENCH_SETTINGS,
+        f"model.seq_length={args.seq}",
+        "batch.micro_batch_size=1",
+    ]
     cfg = load_config(args.config, [*base, *args.overrides], world_size=1)
     total = parameter_count(cfg.model)["total"]
-    print(f"bench: {total / 1e6:.2f}M parameters; layouts {layouts}, ZeRO {args.stages}, {args.dtypes}", flush=True)
+    print(
+        f"bench: {total / 1e6:.2f}M parameters; layouts {layouts}, ZeRO {args.stages}, {args.dtypes}",
+        flush=True,
+    )
 
     cases = []
     for dtype in args.dtypes.split(","):
         for tp, dp in layouts:
             for stage in (int(s) for s in args.stages.split(",")):
-                case = {"tp": tp, "dp": dp, "zero": stage, "dtype": dtype, "timeout_minutes": args.timeout_minutes,
-                        "configs": args.config,
-                        "overrides": [*base, *args.overrides, f"parallel.tp={tp}", f"zero.stage={stage}",
-                                      f"precision.dtype={dtype}"]}
+                case = {
+                    "tp": tp,
+                    "dp": dp,
+                    "zero": stage,
+                    "dtype": dtype,
+                    "timeout_minutes": args.timeout_minutes,
+                    "configs": args.config,
+                    "overrides": [
+                        *base,
+                        *args.overrides,
+                        f"parallel.tp={tp}",
+                        f"zero.stage={stage}",
+                        f"precision.dtype={dtype}",
+                    ],
+                }
                 outcome = run_case(case)
-                case.update(outcome, expected=expected_ratios(tp, dp, stage, dtype),
-                            reference_bytes=reference_bytes(total, dtype))
+                case.update(
+                    outcome,
+                    expected=expected_ratios(tp, dp, stage, dtype),
+                    reference_bytes=reference_bytes(total, dtype),
+                )
                 if "ranks" in outcome:
                     worst = {k: max(r[k] for r in outcome["ranks"]) for k in CATEGORIES}
                     case["max_over_ranks"] = worst
@@ -249,12 +316,18 @@ def main(argv=None) -> int:
                     status = ", ".join(f"{k} {worst[k] / 2**20:.1f} MB" for k in CATEGORIES)
                 else:
                     status = "FAILED: " + outcome["error"].strip().splitlines()[-1][:200]
-                print(f"bench: {dtype} tp{tp} x dp{dp} ZeRO-{stage} ({outcome['seconds']} s): {status}", flush=True)
+                print(
+                    f"bench: {dtype} tp{tp} x dp{dp} ZeRO-{stage} ({outcome['seconds']} s): {status}",
+                    flush=True,
+                )
                 cases.append(case)
 
-    record.update(benchmark="memory", device="cpu (gloo)",
-                  config={"neo": to_dict(cfg), "parameters": total, "seq_length": args.seq, "micro_batch_size": 1},
-                  cases=cases)
+    record.update(
+        benchmark="memory",
+        device="cpu (gloo)",
+        config={"neo": to_dict(cfg), "parameters": total, "seq_length": args.seq, "micro_batch_size": 1},
+        cases=cases,
+    )
     text = markdown(record)
     print(text.replace("{environment}", common.environment_markdown(record)))
     if not args.no_record:
@@ -265,19 +338,23 @@ def main(argv=None) -> int:
 
 # --------------------------------------------------------------------------- reporting
 
+
 def _mb(x: float) -> str:
     return f"{x / 2**20:,.1f}"
 
 
 # Why DeepSpeed 0.19 departs from the ZeRO paper's formulas, where it does (checked against its source).
 EXPLANATIONS = {
-    ("grads", 1): "ZeRO-1 grads below 1/tp: DeepSpeed 0.19 runs stage 1 through stage 2's code (stage_1_and_2.py); "
-                  "at an accumulation boundary (every step here: grad_accum 1) backward hooks move each gradient "
-                  "into a bucket, reduce it and keep only this rank's partition, so after backward only the "
-                  "partition remains.",
+    (
+        "grads",
+        1,
+    ): "ZeRO-1 grads below 1/tp: DeepSpeed 0.19 runs stage 1 through stage 2's code (stage_1_and_2.py); "
+    "at an accumulation boundary (every step here: grad_accum 1) backward hooks move each gradient "
+    "into a bucket, reduce it and keep only this rank's partition, so after backward only the "
+    "partition remains.",
     ("params", 3): "ZeRO-3 params above 1/(tp dp): parameters under stage3_param_persistence_threshold (1e5 "
-                   "elements) stay whole on every rank: biases and norms, and with tp 2 also the 384 x 192 "
-                   "attention output projections.",
+    "elements) stay whole on every rank: biases and norms, and with tp 2 also the 384 x 192 "
+    "attention output projections.",
 }
 
 
@@ -291,9 +368,12 @@ def deviations(cases: list[dict]) -> list[str]:
             got = c["ratios"][k]
             if abs(got - want) > 0.01:
                 seen.setdefault((k, c["zero"]), []).append(
-                    f"{c['dtype']} {c['tp']}x{c['dp']}: {got:.3f} vs {want:.3f}")
-    return [f"{EXPLANATIONS.get(key, f'{key[0]} at ZeRO-{key[1]}: not explained')} ({'; '.join(where)})"
-            for key, where in seen.items()]
+                    f"{c['dtype']} {c['tp']}x{c['dp']}: {got:.3f} vs {want:.3f}"
+                )
+    return [
+        f"{EXPLANATIONS.get(key, f'{key[0]} at ZeRO-{key[1]}: not explained')} ({'; '.join(where)})"
+        for key, where in seen.items()
+    ]
 
 
 def markdown(r: dict) -> str:
@@ -330,38 +410,78 @@ def markdown(r: dict) -> str:
                 failures.append(c)
                 continue
             w = c["max_over_ranks"]
-            cells = [f"{_mb(w[k])} ({c['ratios'][k]:.3f} / {c['expected'][k]:.3f})" for k in ("params", "grads",
-                                                                                               "master", "adam")]
-            rows.append(head + cells + [_mb(w["buffers"]), _mb(sum(w.values())),
-                                        c["ranks"][0]["optimizer"].split(" > ")[0]])
-        out.append(common.markdown_table(["tp x dp", "ZeRO", "params MB (meas / exp)", "grads MB (meas / exp)",
-                                          "fp32 master MB (meas / exp)", "adam MB (meas / exp)", "buffers MB",
-                                          "total MB", "DeepSpeed optimizer"], rows))
+            cells = [
+                f"{_mb(w[k])} ({c['ratios'][k]:.3f} / {c['expected'][k]:.3f})"
+                for k in ("params", "grads", "master", "adam")
+            ]
+            rows.append(
+                head
+                + cells
+                + [_mb(w["buffers"]), _mb(sum(w.values())), c["ranks"][0]["optimizer"].split(" > ")[0]]
+            )
+        out.append(
+            common.markdown_table(
+                [
+                    "tp x dp",
+                    "ZeRO",
+                    "params MB (meas / exp)",
+                    "grads MB (meas / exp)",
+                    "fp32 master MB (meas / exp)",
+                    "adam MB (meas / exp)",
+                    "buffers MB",
+                    "total MB",
+                    "DeepSpeed optimizer",
+                ],
+                rows,
+            )
+        )
         out.append("")
-    tp_shares = {c["tp"]: c["ranks"][0]["tp_local_params"] / total for c in r["cases"]
-                 if "ranks" in c and c["ranks"][0].get("tp_local_params")}
+    tp_shares = {
+        c["tp"]: c["ranks"][0]["tp_local_params"] / total
+        for c in r["cases"]
+        if "ranks" in c and c["ranks"][0].get("tp_local_params")
+    }
     if tp_shares:
-        out += ["TP-local share of the parameters on one rank (before ZeRO): " + ", ".join(
-            f"tp {tp}: {share:.4f}" for tp, share in sorted(tp_shares.items()))
-            + " (LayerNorm gains/biases and row-parallel output biases are replicated, so a little over 1/tp).", ""]
+        out += [
+            "TP-local share of the parameters on one rank (before ZeRO): "
+            + ", ".join(f"tp {tp}: {share:.4f}" for tp, share in sorted(tp_shares.items()))
+            + " (LayerNorm gains/biases and row-parallel output biases are replicated, so a little over 1/tp).",
+            "",
+        ]
     notes = deviations(r["cases"])
     if notes:
-        out += ["## Where measured and expected differ (by more than 0.01)", ""] + [f"- {n}" for n in notes] + [""]
+        out += (
+            ["## Where measured and expected differ (by more than 0.01)", ""]
+            + [f"- {n}" for n in notes]
+            + [""]
+        )
     buffers = [c for c in r["cases"] if "ranks" in c and c["max_over_ranks"]["buffers"]]
     if buffers:
         big = max(buffers, key=lambda c: c["max_over_ranks"]["buffers"])
-        path = next((t["path"] for t in big["ranks"][0]["other_tensors"] if "bucket" in t["path"].lower()), "?")
-        out += ["## Buffers", "",
-                f"- ZeRO-3 allocates its gradient-reduction bucket up front (`{path}`, with contiguous_gradients): "
-                f"zero.reduce_bucket_size = {r['config']['neo']['zero']['reduce_bucket_size']:,} elements of the "
-                f"model dtype per rank, {_mb(big['max_over_ranks']['buffers'])} MB here, whatever the model size. "
-                "On a GPU the caching allocator holds all of it; on a CPU untouched pages of the `torch.empty` are "
-                "not resident. A smaller zero.reduce_bucket_size shrinks it proportionally.", ""]
+        path = next(
+            (t["path"] for t in big["ranks"][0]["other_tensors"] if "bucket" in t["path"].lower()), "?"
+        )
+        out += [
+            "## Buffers",
+            "",
+            f"- ZeRO-3 allocates its gradient-reduction bucket up front (`{path}`, with contiguous_gradients): "
+            f"zero.reduce_bucket_size = {r['config']['neo']['zero']['reduce_bucket_size']:,} elements of the "
+            f"model dtype per rank, {_mb(big['max_over_ranks']['buffers'])} MB here, whatever the model size. "
+            "On a GPU the caching allocator holds all of it; on a CPU untouched pages of the `torch.empty` are "
+            "not resident. A smaller zero.reduce_bucket_size shrinks it proportionally.",
+            "",
+        ]
     if failures:
         out += ["## Failures", ""]
         for c in failures:
-            out += [f"### {c['dtype']} tp {c['tp']} x dp {c['dp']}, ZeRO-{c['zero']}", "", "```",
-                    c["error"].strip()[-2000:], "```", ""]
+            out += [
+                f"### {c['dtype']} tp {c['tp']} x dp {c['dp']}, ZeRO-{c['zero']}",
+                "",
+                "```",
+                c["error"].strip()[-2000:],
+                "```",
+                "",
+            ]
     return "\n".join(out) + "\n"
 
 

@@ -89,7 +89,15 @@ def tree_rss(pid: int) -> int:
 
 
 def run_cli(path: Path, out: Path, workers: int) -> dict:
-    cmd = [sys.executable, str(ROOT / "launch" / "preprocess.py"), str(path), "-o", str(out), "--workers", str(workers)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "preprocess.py"),
+        str(path),
+        "-o",
+        str(out),
+        "--workers",
+        str(workers),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = [0]
@@ -106,12 +114,18 @@ def run_cli(path: Path, out: Path, workers: int) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{stdout}")
     m = re.search(r"done in ([\d.]+) s: .* -> ([\d,]+) tokens", stdout)
     tokens, seconds = int(m.group(2).replace(",", "")), float(m.group(1))
-    return {"tokens": tokens, "seconds": seconds, "wall_seconds": wall, "peak_rss_mb": peak[0] / 1e6,
-            "command": " ".join(cmd)}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "wall_seconds": wall,
+        "peak_rss_mb": peak[0] / 1e6,
+        "command": " ".join(cmd),
+    }
 
 
 def idle_share(seconds: float = 3.0) -> float:
     """Fraction of CPU time idle over a short window (Linux /proc/stat): other work skews the ratios."""
+
     def snap():
         with open("/proc/stat") as f:
             v = list(map(int, f.readline().split()[1:]))
@@ -125,18 +139,26 @@ def idle_share(seconds: float = 3.0) -> float:
 
 def cpu_model() -> str:
     try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         return platform.processor() or "unknown"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", type=Path, help="JSONL with a 'text' field (default: built from the sample corpus)")
+    ap.add_argument(
+        "--input", type=Path, help="JSONL with a 'text' field (default: built from the sample corpus)"
+    )
     ap.add_argument("--mb", type=float, default=48, help="size of the generated input (default: 48 MB)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--flat-x", type=int, default=5,
-                    help="also run 2 workers once on the input repeated this many times, to show memory stays flat")
+    ap.add_argument(
+        "--flat-x",
+        type=int,
+        default=5,
+        help="also run 2 workers once on the input repeated this many times, to show memory stays flat",
+    )
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
 
@@ -174,11 +196,18 @@ def main() -> None:
     rows = []
     for name, rs in runs.items():
         tps = statistics.median(x["tokens_per_s"] for x in rs)
-        row = {"method": name, "tokens_per_s": tps, "vs_plain_loop": tps / base,
-               "seconds": statistics.median(x["seconds"] for x in rs)}
+        row = {
+            "method": name,
+            "tokens_per_s": tps,
+            "vs_plain_loop": tps / base,
+            "seconds": statistics.median(x["seconds"] for x in rs),
+        }
         if "wall_seconds" in rs[0]:
-            row |= {"wall_seconds": statistics.median(x["wall_seconds"] for x in rs),
-                    "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "command": rs[0]["command"]}
+            row |= {
+                "wall_seconds": statistics.median(x["wall_seconds"] for x in rs),
+                "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+                "command": rs[0]["command"],
+            }
         rows.append(row)
     by = {r["method"]: r for r in rows}
     memory = None
@@ -188,23 +217,44 @@ def main() -> None:
             for _ in range(args.flat_x):
                 out.write(path.read_bytes())
         r = run_cli(big, tmp / "big", 2)
-        memory = {"input_mb": round(big.stat().st_size / 1e6, 1), "peak_rss_mb": round(r["peak_rss_mb"]),
-                  "base_input_mb": round(mb, 1), "base_peak_rss_mb": round(by["preprocess.py --workers 2"]["peak_rss_mb"])}
+        memory = {
+            "input_mb": round(big.stat().st_size / 1e6, 1),
+            "peak_rss_mb": round(r["peak_rss_mb"]),
+            "base_input_mb": round(mb, 1),
+            "base_peak_rss_mb": round(by["preprocess.py --workers 2"]["peak_rss_mb"]),
+        }
     shutil.rmtree(tmp, ignore_errors=True)
     record = {
-        "benchmark": "preprocess", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "preprocess",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "input": {"path": str(path), "mb": round(mb, 1), "documents": n_docs,
-                  "tokens": tokens.pop(), "generated_from_sample": not args.input},
-        "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
-                     "cpu_idle_before_after": [idle_before, idle_share()]},
-        "versions": {"python": platform.python_version(), "tiktoken": tiktoken.__version__,
-                     "numpy": numpy.__version__, "neo": _git_rev()},
-        "rounds": args.rounds, "results": rows, "memory": memory,
+        "input": {
+            "path": str(path),
+            "mb": round(mb, 1),
+            "documents": n_docs,
+            "tokens": tokens.pop(),
+            "generated_from_sample": not args.input,
+        },
+        "hardware": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "machine": platform.machine(),
+            "cpu_idle_before_after": [idle_before, idle_share()],
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "tiktoken": tiktoken.__version__,
+            "numpy": numpy.__version__,
+            "neo": _git_rev(),
+        },
+        "rounds": args.rounds,
+        "results": rows,
+        "memory": memory,
         "targets": {
             "2 workers >= 1.7x plain loop": by["preprocess.py --workers 2"]["vs_plain_loop"] >= 1.7,
             "plain loop >= encode_ordinary_batch 1 thread": by["plain loop (encode_ordinary)"]["tokens_per_s"]
-            >= by["encode_ordinary_batch, 1 thread"]["tokens_per_s"]},
+            >= by["encode_ordinary_batch, 1 thread"]["tokens_per_s"],
+        },
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"preprocess-{record['date'][:10]}"
@@ -216,37 +266,52 @@ def main() -> None:
 
 def _git_rev() -> str:
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "uncommitted"
 
 
 def _markdown(r: dict) -> str:
     lines = [
-        f"# preprocess benchmark, {r['date']}", "",
+        f"# preprocess benchmark, {r['date']}",
+        "",
         f"- command: `{r['command']}`",
         f"- input: {r['input']['mb']} MB JSONL, {r['input']['documents']:,} documents, {r['input']['tokens']:,} "
         f"gpt2 tokens ({'generated from data/sample' if r['input']['generated_from_sample'] else r['input']['path']})",
         f"- hardware: {r['hardware']['cpu']}, {r['hardware']['cores']} cores ({r['hardware']['machine']}); "
         "CPU idle in the 3 s before/after: {:.0%} / {:.0%} (other work on the machine skews the ratios)".format(
-            *r["hardware"]["cpu_idle_before_after"]),
+            *r["hardware"]["cpu_idle_before_after"]
+        ),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
         f"- median of {r['rounds']} interleaved rounds; preprocess seconds are its own timer (after start-up "
-        "and tokenizer load, as for the loops); wall includes the interpreter start-up", "",
+        "and tokenizer load, as for the loops); wall includes the interpreter start-up",
+        "",
         "| method | M tokens/s | vs plain loop | seconds | wall s | peak RSS (MB, all processes) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for x in r["results"]:
-        wall, rss = (f"{x['wall_seconds']:.2f}", f"{x['peak_rss_mb']:.0f}") if "wall_seconds" in x else ("-", "-")
-        lines.append(f"| {x['method']} | {x['tokens_per_s'] / 1e6:.2f} | {x['vs_plain_loop']:.2f}x | {x['seconds']:.2f} | "
-                     f"{wall} | {rss} |")
+        wall, rss = (
+            (f"{x['wall_seconds']:.2f}", f"{x['peak_rss_mb']:.0f}") if "wall_seconds" in x else ("-", "-")
+        )
+        lines.append(
+            f"| {x['method']} | {x['tokens_per_s'] / 1e6:.2f} | {x['vs_plain_loop']:.2f}x | {x['seconds']:.2f} | "
+            f"{wall} | {rss} |"
+        )
     if r["memory"]:
         m = r["memory"]
-        lines += ["", f"Memory (2 workers, all processes): peak RSS {m['base_peak_rss_mb']} MB on the "
-                  f"{m['base_input_mb']} MB input, {m['peak_rss_mb']} MB on the same input repeated to "
-                  f"{m['input_mb']} MB."]
-    lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items()), ""]
+        lines += [
+            "",
+            f"Memory (2 workers, all processes): peak RSS {m['base_peak_rss_mb']} MB on the "
+            f"{m['base_input_mb']} MB input, {m['peak_rss_mb']} MB on the same input repeated to "
+            f"{m['input_mb']} MB.",
+        ]
+    lines += [
+        "",
+        "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 

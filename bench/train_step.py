@@ -61,33 +61,77 @@ MIN_ROUNDS = 3  # rounds run even past --budget
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: cuda when available, else cpu")
-    p.add_argument("--dtypes", default="auto", help="comma list of fp32, bf16; auto: fp32, and bf16 where the "
-                   "device multiplies bf16 natively (a GPU, or a CPU with AVX512-BF16/AMX)")
-    p.add_argument("--bf16-recipes", default="master,autocast",
-                   help="plain-loop bf16 recipes to run (master: bf16 weights + fp32 master; autocast)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: cuda when available, else cpu",
+    )
+    p.add_argument(
+        "--dtypes",
+        default="auto",
+        help="comma list of fp32, bf16; auto: fp32, and bf16 where the "
+        "device multiplies bf16 natively (a GPU, or a CPU with AVX512-BF16/AMX)",
+    )
+    p.add_argument(
+        "--bf16-recipes",
+        default="master,autocast",
+        help="plain-loop bf16 recipes to run (master: bf16 weights + fp32 master; autocast)",
+    )
     p.add_argument("--batch", type=int, default=8, help="sequences per step (micro batch; no accumulation)")
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage of the DeepSpeed engine")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    p.add_argument("--reps", type=int, default=8, help="clean timed blocks wanted per variant (rounds go on "
-                   "until each variant has them, or --budget runs out)")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=8,
+        help="clean timed blocks wanted per variant (rounds go on "
+        "until each variant has them, or --budget runs out)",
+    )
     p.add_argument("--steps", type=int, default=1, help="steps per variant per round (one timed block)")
-    p.add_argument("--budget", type=float, default=180.0,
-                   help=f"seconds of timed rounds after which no further round starts (at least {MIN_ROUNDS} run)")
-    p.add_argument("--fused-adamw", action="store_true",
-                   help="experiment: every AdamW, neo's Trainer's included, built with fused=True")
-    p.add_argument("--config", action="append", default=[], metavar="FILE.yml",
-                   help="neo config files applied over the default ~20M shape (repeatable)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="neo config override, e.g. --set model.n_layers=12 (repeatable)")
-    p.add_argument("--clean-share", type=float, default=CLEAN_SHARE,
-                   help="CPU: a block counts only if the process had this share of its threads' CPU time (0: "
-                        "count all). Suits compute-bound steps; tiny models spend more time single-threaded")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-device peak for MFU; default: neo's table by GPU name (none on CPU)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=180.0,
+        help=f"seconds of timed rounds after which no further round starts (at least {MIN_ROUNDS} run)",
+    )
+    p.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="experiment: every AdamW, neo's Trainer's included, built with fused=True",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE.yml",
+        help="neo config files applied over the default ~20M shape (repeatable)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="neo config override, e.g. --set model.n_layers=12 (repeatable)",
+    )
+    p.add_argument(
+        "--clean-share",
+        type=float,
+        default=CLEAN_SHARE,
+        help="CPU: a block counts only if the process had this share of its threads' CPU time (0: "
+        "count all). Suits compute-bound steps; tiny models spend more time single-threaded",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="per-device peak for MFU; default: neo's table by GPU name (none on CPU)",
+    )
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
-    p.add_argument("--tag", default=None, help="inserted into the record's file name (default: 'cuda' on a GPU)")
+    p.add_argument(
+        "--tag", default=None, help="inserted into the record's file name (default: 'cuda' on a GPU)"
+    )
     p.add_argument("--no-record", action="store_true", help="print only; write no files")
     return p.parse_args(argv)
 
@@ -109,6 +153,7 @@ class Variant:
 
 # --------------------------------------------------------------------------- the loops
 
+
 class PlainLoop:
     """The training step without DeepSpeed: forward, backward, clip, AdamW, LR schedule.
 
@@ -122,7 +167,13 @@ class PlainLoop:
 
         from neo.train.schedule import schedule_from_config
 
-        self.torch, self.forward, self.recipe, self.device, self.batches = torch, forward, recipe, device, batches
+        self.torch, self.forward, self.recipe, self.device, self.batches = (
+            torch,
+            forward,
+            recipe,
+            device,
+            batches,
+        )
         self.model = model.to(device)
         groups = param_groups(self.model, cfg.optimizer.weight_decay)
         self.pairs = []
@@ -136,8 +187,9 @@ class PlainLoop:
                 group["params"] = [masters[p] for p in group["params"]]
         self.params = [p for g in groups for p in g["params"]]
         impl = {} if fused is None else {"fused": fused}
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
-                                           eps=cfg.optimizer.eps, **impl)
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, **impl
+        )
         lr_fn, lr = schedule_from_config(cfg.schedule, cfg.optimizer), cfg.optimizer.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_fn(step) / lr)
         self.clip = cfg.optimizer.grad_clip
@@ -166,8 +218,10 @@ class PlainLoop:
 def param_groups(model, weight_decay: float) -> list[dict]:
     """neo's rule, restated so the baselines do not depend on neo's internals: decay matrices only."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def neo_forward(model, tokens, labels):
@@ -190,13 +244,20 @@ def deepspeed_step(cfg, env, batches):
 
 # --------------------------------------------------------------------------- set-up and timing
 
+
 def start_one_rank(device_kind: str):
     """Make this process rank 0 of a one-process job and start DeepSpeed's process group via neo."""
     from bench.common import free_port
     from neo import distributed
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
     os.environ.setdefault("DS_ACCELERATOR", device_kind)
     return distributed.init()
 
@@ -212,8 +273,12 @@ def build_variants(args, base_cfg_for, env, device) -> list[Variant]:
     cfg32 = base_cfg_for("fp32")
     model_args = cfg32.model
     g = torch.Generator().manual_seed(0)
-    pool = [torch.randint(0, model_args.vocab_size, (cfg32.batch.micro_batch_size, model_args.seq_length + 1),
-                          generator=g) for _ in range(4)]
+    pool = [
+        torch.randint(
+            0, model_args.vocab_size, (cfg32.batch.micro_batch_size, model_args.seq_length + 1), generator=g
+        )
+        for _ in range(4)
+    ]
 
     def batches():  # every variant sees the same sequence of batches
         return itertools.cycle(pool)
@@ -231,15 +296,32 @@ def build_variants(args, base_cfg_for, env, device) -> list[Variant]:
         cfg = base_cfg_for(dtype)
         recipes = ["fp32"] if dtype == "fp32" else args.bf16_recipes.split(",")
         for recipe in recipes:
-            variants.append(Variant("hf", dtype, recipe, PlainLoop(hf_model(), hf_forward, cfg, recipe, device,
-                                                                   batches())))
+            variants.append(
+                Variant(
+                    "hf", dtype, recipe, PlainLoop(hf_model(), hf_forward, cfg, recipe, device, batches())
+                )
+            )
         for recipe in recipes:
             # neo's plain loop uses neo's optimizer choice, so the DeepSpeed overhead is like for like
             fused = cfg.optimizer.fused and fused_adamw_supported(device)
-            variants.append(Variant("neo-plain", dtype, recipe, PlainLoop(neo_model(), neo_forward, cfg, recipe,
-                                                                          device, batches(), fused)))
-            variants.append(Variant("neo-plain-unfused", dtype, recipe, PlainLoop(
-                neo_model(loss_chunk_size=0), neo_forward, cfg, recipe, device, batches(), fused)))
+            variants.append(
+                Variant(
+                    "neo-plain",
+                    dtype,
+                    recipe,
+                    PlainLoop(neo_model(), neo_forward, cfg, recipe, device, batches(), fused),
+                )
+            )
+            variants.append(
+                Variant(
+                    "neo-plain-unfused",
+                    dtype,
+                    recipe,
+                    PlainLoop(
+                        neo_model(loss_chunk_size=0), neo_forward, cfg, recipe, device, batches(), fused
+                    ),
+                )
+            )
         variants.append(Variant("neo-deepspeed", dtype, "deepspeed", deepspeed_step(cfg, env, batches())))
     return variants
 
@@ -282,9 +364,15 @@ def time_rounds(args, variants: list[Variant], sync, threads: int, tokens_per_st
             run_block(v, args.steps, sync)
         r += 1
         counts = [sum(clean(v, i, threads, args.clean_share) for i in range(r)) for v in variants]
-        print(f"bench: round {r}: " + ", ".join(
-            f"{v.label} {v.dtype} {args.steps * tokens_per_step / v.seconds[-1]:,.0f}"
-            + ("" if clean(v, r - 1, threads, args.clean_share) else " (busy)") for v in variants), flush=True)
+        print(
+            f"bench: round {r}: "
+            + ", ".join(
+                f"{v.label} {v.dtype} {args.steps * tokens_per_step / v.seconds[-1]:,.0f}"
+                + ("" if clean(v, r - 1, threads, args.clean_share) else " (busy)")
+                for v in variants
+            ),
+            flush=True,
+        )
         if min(counts) >= args.reps or (r >= MIN_ROUNDS and time.perf_counter() - start > args.budget):
             return r
 
@@ -298,7 +386,9 @@ def main(argv=None) -> int:
     from bench import common
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench: --device cuda but torch sees no GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        print(
+            "bench: --device cuda but torch sees no GPU (torch.cuda.is_available() is False)", file=sys.stderr
+        )
         return 2
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     env = start_one_rank(device_kind)
@@ -307,16 +397,22 @@ def main(argv=None) -> int:
     if args.dtypes == "auto":
         args.dtypes = "fp32,bf16" if device_kind == "cuda" or common.cpu_native_bf16() else "fp32"
         if args.dtypes == "fp32":
-            notes.append(f"bf16 not run: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
-                         "matmul, so PyTorch emulates it (~250x slower than fp32 here); a bf16 timing would measure "
-                         "the emulation. Force it with --dtypes fp32,bf16.")
+            notes.append(
+                f"bf16 not run: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+                "matmul, so PyTorch emulates it (~250x slower than fp32 here); a bf16 timing would measure "
+                "the emulation. Force it with --dtypes fp32,bf16."
+            )
             print("bench: " + notes[-1], flush=True)
 
     from neo.config import load_config, to_dict
     from neo.model.gpt import flops_per_token, parameter_count
 
-    base = [*common.DEFAULT_MODEL, *common.BENCH_SETTINGS, f"zero.stage={args.zero}",
-            f"batch.micro_batch_size={args.batch}"]
+    base = [
+        *common.DEFAULT_MODEL,
+        *common.BENCH_SETTINGS,
+        f"zero.stage={args.zero}",
+        f"batch.micro_batch_size={args.batch}",
+    ]
 
     def cfg_for(dtype: str):
         return load_config(args.config, [*base, *args.overrides, f"precision.dtype={dtype}"], world_size=1)
@@ -328,8 +424,11 @@ def main(argv=None) -> int:
     fpt = flops_per_token(model_args)
     counts = parameter_count(model_args)
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    print(f"bench: {counts['total'] / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOP/token, {tokens_per_step} tokens "
-          f"per step, device {device}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"bench: {counts['total'] / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOP/token, {tokens_per_step} tokens "
+        f"per step, device {device}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     with common.fused_adamw(args.fused_adamw):
@@ -349,13 +448,24 @@ def main(argv=None) -> int:
     record.update(
         benchmark="train_step",
         device=str(device),
-        config={"neo": to_dict(cfg32), "parameters": counts, "flops_per_token": fpt,
-                "tokens_per_step": tokens_per_step, "zero_stage": args.zero, "bf16_recipes": args.bf16_recipes,
-                "adamw": "fused=True (patched into every variant)" if args.fused_adamw else
-                f"hf: torch default; neo: fused={cfg32.optimizer.fused} (optimizer.fused)",
-                "warmup_steps": args.warmup, "clean_blocks_wanted": args.reps, "steps_per_block": args.steps,
-                "rounds": rounds, "clean_cpu_share": args.clean_share if threads else None,
-                "build_seconds": round(build_s, 1), "timed_seconds": round(timed_s, 1)},
+        config={
+            "neo": to_dict(cfg32),
+            "parameters": counts,
+            "flops_per_token": fpt,
+            "tokens_per_step": tokens_per_step,
+            "zero_stage": args.zero,
+            "bf16_recipes": args.bf16_recipes,
+            "adamw": "fused=True (patched into every variant)"
+            if args.fused_adamw
+            else f"hf: torch default; neo: fused={cfg32.optimizer.fused} (optimizer.fused)",
+            "warmup_steps": args.warmup,
+            "clean_blocks_wanted": args.reps,
+            "steps_per_block": args.steps,
+            "rounds": rounds,
+            "clean_cpu_share": args.clean_share if threads else None,
+            "build_seconds": round(build_s, 1),
+            "timed_seconds": round(timed_s, 1),
+        },
         notes=notes,
         **results,
     )
@@ -370,6 +480,7 @@ def main(argv=None) -> int:
 
 
 # --------------------------------------------------------------------------- reporting
+
 
 def summarise(args, variants: list[Variant], tokens_per_step: int, fpt: float, threads: int) -> dict:
     """Median tokens/s of each variant's clean blocks, and the ratios the issue asks for.
@@ -386,12 +497,24 @@ def summarise(args, variants: list[Variant], tokens_per_step: int, fpt: float, t
         keep[id(v)] = ok if any(ok) else [True] * len(rates)
         used = [x for x, k in zip(rates, keep[id(v)]) if k]
         median = statistics.median(used)
-        row = {"variant": v.name, "dtype": v.dtype, "recipe": v.recipe, "label": v.label,
-               "seconds": v.seconds, "cpu_seconds": v.cpu_seconds, "tokens_per_s": rates, "clean": ok,
-               "clean_blocks": sum(ok), "used_all_blocks": not any(ok),
-               "median_tokens_per_s": median, "min_tokens_per_s": min(used), "max_tokens_per_s": max(used),
-               "median_step_ms": 1e3 * tokens_per_step / median, "model_tflops": median * fpt / 1e12,
-               "first_loss": v.first_loss}
+        row = {
+            "variant": v.name,
+            "dtype": v.dtype,
+            "recipe": v.recipe,
+            "label": v.label,
+            "seconds": v.seconds,
+            "cpu_seconds": v.cpu_seconds,
+            "tokens_per_s": rates,
+            "clean": ok,
+            "clean_blocks": sum(ok),
+            "used_all_blocks": not any(ok),
+            "median_tokens_per_s": median,
+            "min_tokens_per_s": min(used),
+            "max_tokens_per_s": max(used),
+            "median_step_ms": 1e3 * tokens_per_step / median,
+            "model_tflops": median * fpt / 1e12,
+            "first_loss": v.first_loss,
+        }
         if threads:
             row["cpu_share"] = [c / s / threads for c, s in zip(v.cpu_seconds, v.seconds)]
         peak = peak_tflops(v.dtype, args.peak_tflops)
@@ -400,8 +523,10 @@ def summarise(args, variants: list[Variant], tokens_per_step: int, fpt: float, t
         rows.append((v, row))
 
     def find(name, dtype, recipe):
-        return next(((v, r) for v, r in rows if (r["variant"], r["dtype"], r["recipe"]) == (name, dtype, recipe)),
-                    None)
+        return next(
+            ((v, r) for v, r in rows if (r["variant"], r["dtype"], r["recipe"]) == (name, dtype, recipe)),
+            None,
+        )
 
     ratios = []
 
@@ -409,13 +534,24 @@ def summarise(args, variants: list[Variant], tokens_per_step: int, fpt: float, t
         if num is None or den is None:
             return
         (vn, n), (vd, d) = num, den
-        paired = [a / b for a, b, ka, kb in zip(n["tokens_per_s"], d["tokens_per_s"], keep[id(vn)], keep[id(vd)])
-                  if ka and kb]
+        paired = [
+            a / b
+            for a, b, ka, kb in zip(n["tokens_per_s"], d["tokens_per_s"], keep[id(vn)], keep[id(vd)])
+            if ka and kb
+        ]
         value = n["median_tokens_per_s"] / d["median_tokens_per_s"]
         paired_median = statistics.median(paired) if paired else value
-        entry = {"comparison": what, "dtype": n["dtype"], "numerator": n["label"], "denominator": d["label"],
-                 "ratio": value, "paired_median": paired_median, "pairs": len(paired),
-                 "paired_min": min(paired) if paired else None, "paired_max": max(paired) if paired else None}
+        entry = {
+            "comparison": what,
+            "dtype": n["dtype"],
+            "numerator": n["label"],
+            "denominator": d["label"],
+            "ratio": value,
+            "paired_median": paired_median,
+            "pairs": len(paired),
+            "paired_min": min(paired) if paired else None,
+            "paired_max": max(paired) if paired else None,
+        }
         # Met only if both estimates meet it: on a noisy machine they can disagree by several percent.
         worst = min(value, paired_median)
         if kind == "speed":
@@ -431,13 +567,23 @@ def summarise(args, variants: list[Variant], tokens_per_step: int, fpt: float, t
         for recipe in recipes:
             ratio("neo (DeepSpeed) vs transformers", ds, find("hf", dtype, recipe), TARGET_VS_HF, "speed")
         for recipe in recipes:
-            ratio("DeepSpeed overhead over neo plain", ds, find("neo-plain", dtype, recipe), TARGET_DS_OVERHEAD,
-                  "overhead" if recipe in ("fp32", "master") else None)
+            ratio(
+                "DeepSpeed overhead over neo plain",
+                ds,
+                find("neo-plain", dtype, recipe),
+                TARGET_DS_OVERHEAD,
+                "overhead" if recipe in ("fp32", "master") else None,
+            )
         for recipe in recipes:
-            ratio("neo plain vs transformers plain", find("neo-plain", dtype, recipe), find("hf", dtype, recipe))
+            ratio(
+                "neo plain vs transformers plain", find("neo-plain", dtype, recipe), find("hf", dtype, recipe)
+            )
         for recipe in recipes:
-            ratio("fused output head + loss vs unfused", find("neo-plain", dtype, recipe),
-                  find("neo-plain-unfused", dtype, recipe))
+            ratio(
+                "fused output head + loss vs unfused",
+                find("neo-plain", dtype, recipe),
+                find("neo-plain-unfused", dtype, recipe),
+            )
     return {"results": [r for _, r in rows], "ratios": ratios}
 
 
@@ -448,9 +594,12 @@ def markdown(r: dict) -> str:
     m = c["neo"]["model"]
     counts = c["parameters"]
     head_share = (m["vocab_size"] * m["hidden_size"] * 6) / c["flops_per_token"]
-    clean_rule = (f"blocks in which the process had at least {c['clean_cpu_share']} of its {r['hardware']['torch_threads']}"
-                  " threads' CPU time (others ran 3-6x slower with another job on a core, and are left out)"
-                  if c["clean_cpu_share"] else "all blocks")
+    clean_rule = (
+        f"blocks in which the process had at least {c['clean_cpu_share']} of its {r['hardware']['torch_threads']}"
+        " threads' CPU time (others ran 3-6x slower with another job on a core, and are left out)"
+        if c["clean_cpu_share"]
+        else "all blocks"
+    )
     out = [
         f"# train_step benchmark, {r['date']} ({r['device']})",
         "",
@@ -477,35 +626,74 @@ def markdown(r: dict) -> str:
         "",
     ]
     mfu = any("mfu" in x for x in r["results"])
-    header = ["variant", "dtype", "tokens/s (median)", "range", "clean blocks", "step ms", "model TFLOP/s"] + \
-             (["MFU"] if mfu else []) + ["loss at step 1"]
+    header = (
+        ["variant", "dtype", "tokens/s (median)", "range", "clean blocks", "step ms", "model TFLOP/s"]
+        + (["MFU"] if mfu else [])
+        + ["loss at step 1"]
+    )
     rows = []
     for x in r["results"]:
-        row = [x["label"], x["dtype"], f"{x['median_tokens_per_s']:,.0f}",
-               f"{x['min_tokens_per_s']:,.0f}-{x['max_tokens_per_s']:,.0f}",
-               f"{x['clean_blocks']}/{len(x['tokens_per_s'])}" + (" (all used)" if x["used_all_blocks"] else ""),
-               f"{x['median_step_ms']:,.0f}", f"{x['model_tflops']:.3f}"]
+        row = [
+            x["label"],
+            x["dtype"],
+            f"{x['median_tokens_per_s']:,.0f}",
+            f"{x['min_tokens_per_s']:,.0f}-{x['max_tokens_per_s']:,.0f}",
+            f"{x['clean_blocks']}/{len(x['tokens_per_s'])}" + (" (all used)" if x["used_all_blocks"] else ""),
+            f"{x['median_step_ms']:,.0f}",
+            f"{x['model_tflops']:.3f}",
+        ]
         if mfu:
             row.append(f"{x['mfu']:.1%}" if "mfu" in x else "")
         row.append(f"{x['first_loss']:.5f}")
         rows.append(row)
     out.append(common.markdown_table(header, rows))
-    out += ["", "Loss at step 1: same weights and batch, so the variants agree (fp32 to ~1e-5, bf16 to ~1e-3).", "",
-            "## Ratios", ""]
+    out += [
+        "",
+        "Loss at step 1: same weights and batch, so the variants agree (fp32 to ~1e-5, bf16 to ~1e-3).",
+        "",
+        "## Ratios",
+        "",
+    ]
     rows = []
     for x in r["ratios"]:
         verdict = ("met" if x["met"] else "NOT met") + f" ({x['target']})" if "met" in x else ""
         shown = f"{x['ratio']:.3f}x" + (f" (overhead {x['overhead']:+.1%})" if "overhead" in x else "")
-        spread = f"{x['paired_min']:.3f}-{x['paired_max']:.3f} ({x['pairs']})" if x["pairs"] else "no clean pair"
-        rows.append([x["comparison"], x["dtype"], f"{x['numerator']} / {x['denominator']}", shown,
-                     f"{x['paired_median']:.3f}x" if x["pairs"] else "", spread, verdict])
-    out.append(common.markdown_table(["comparison", "dtype", "tokens/s ratio", "ratio of medians",
-                                      "median of per-round ratios", "per-round range (pairs)", "target"], rows))
+        spread = (
+            f"{x['paired_min']:.3f}-{x['paired_max']:.3f} ({x['pairs']})" if x["pairs"] else "no clean pair"
+        )
+        rows.append(
+            [
+                x["comparison"],
+                x["dtype"],
+                f"{x['numerator']} / {x['denominator']}",
+                shown,
+                f"{x['paired_median']:.3f}x" if x["pairs"] else "",
+                spread,
+                verdict,
+            ]
+        )
+    out.append(
+        common.markdown_table(
+            [
+                "comparison",
+                "dtype",
+                "tokens/s ratio",
+                "ratio of medians",
+                "median of per-round ratios",
+                "per-round range (pairs)",
+                "target",
+            ],
+            rows,
+        )
+    )
     out += [f"- note: {n}" for n in r.get("notes", [])]
-    out += ["", "Overhead = DeepSpeed step time / plain step time - 1 (= 1/ratio - 1). Targets (issue): neo >= 1.0x "
-            "transformers; DeepSpeed overhead <= 10% over neo's plain loop with the same precision recipe. The "
-            "per-round ratios are over rounds in which both variants were clean. A target counts as met only when "
-            "both the ratio of medians and the median of the per-round ratios meet it."]
+    out += [
+        "",
+        "Overhead = DeepSpeed step time / plain step time - 1 (= 1/ratio - 1). Targets (issue): neo >= 1.0x "
+        "transformers; DeepSpeed overhead <= 10% over neo's plain loop with the same precision recipe. The "
+        "per-round ratios are over rounds in which both variants were clean. A target counts as met only when "
+        "both the ratio of medians and the median of the per-round ratios meet it.",
+    ]
     return "\n".join(out) + "\n"
 
 

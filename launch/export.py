@@ -20,13 +20,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="neo checkpoint (a run's checkpoints/ dir or one iter_* folder); "
-                                       "with --from-hf, a transformers GPTNeoX directory")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "source",
+        help="neo checkpoint (a run's checkpoints/ dir or one iter_* folder); "
+        "with --from-hf, a transformers GPTNeoX directory",
+    )
     parser.add_argument("output", help="folder to create")
-    parser.add_argument("--from-hf", action="store_true", help="import a transformers GPTNeoX directory into neo")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="export weights in this dtype (default: as saved)")
+    parser.add_argument(
+        "--from-hf", action="store_true", help="import a transformers GPTNeoX directory into neo"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="export weights in this dtype (default: as saved)",
+    )
     parser.add_argument("--tokenizer", default="gpt2", help="with --from-hf: the tokenizer spec to record")
     args = parser.parse_args(argv)
 
@@ -38,15 +49,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.from_hf:
             result = import_hf(args.source, args.output, tokenizer=args.tokenizer)
-            print(f"neo: imported {args.source} into {result['path']}; continue training with --set "
-                  f"checkpoint.load={result['path']} --set checkpoint.load_weights_only=true")
+            print(
+                f"neo: imported {args.source} into {result['path']}; continue training with --set "
+                f"checkpoint.load={result['path']} --set checkpoint.load_weights_only=true"
+            )
         else:
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype or "")
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                args.dtype or ""
+            )
             result = export_checkpoint(args.source, args.output, dtype)
-            tok = "with tokenizer files" if result["tokenizer"] else (
-                f"without tokenizer files ({result['tokenizer_spec']} has no transformers GPT-2 BPE form)")
-            print(f"neo: exported {result['parameters']:,} parameters to {result['path']} {tok}. Load it with "
-                  f"GPTNeoXForCausalLM.from_pretrained({result['path']!r})")
+            tok = (
+                "with tokenizer files"
+                if result["tokenizer"]
+                else (
+                    f"without tokenizer files ({result['tokenizer_spec']} has no transformers GPT-2 BPE form)"
+                )
+            )
+            print(
+                f"neo: exported {result['parameters']:,} parameters to {result['path']} {tok}. Load it with "
+                f"GPTNeoXForCausalLM.from_pretrained({result['path']!r})"
+            )
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"neo: {e}", file=sys.stderr)
         return 2

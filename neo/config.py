@@ -171,9 +171,12 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- loading and merging
 
+
 def _read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
-        raise ConfigError([f"{path}: no such config file. Fix: check the path (configs live in ds_configs/)."])
+        raise ConfigError(
+            [f"{path}: no such config file. Fix: check the path (configs live in ds_configs/)."]
+        )
     with open(path) as f:
         try:
             data = yaml.safe_load(f)
@@ -182,8 +185,12 @@ def _read_yaml(path: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of sections (model:, batch:, ...), "
-                           f"not a {type(data).__name__}"])
+        raise ConfigError(
+            [
+                f"{path}: the top level must be a mapping of sections (model:, batch:, ...), "
+                f"not a {type(data).__name__}"
+            ]
+        )
     return data
 
 
@@ -229,6 +236,7 @@ def parse_override(text: str) -> dict:
 
 
 # --------------------------------------------------------------------------- typed construction
+
 
 def _describe(tp) -> str:
     origin = typing.get_origin(tp)
@@ -317,15 +325,19 @@ class _Builder:
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "world_size"]
         if not isinstance(data, dict):
-            self.problems.append(f"{prefix.rstrip('.')} {self.where(prefix.rstrip('.'))} must be a mapping of "
-                                 f"keys ({', '.join(names)}), got {data!r}")
+            self.problems.append(
+                f"{prefix.rstrip('.')} {self.where(prefix.rstrip('.'))} must be a mapping of "
+                f"keys ({', '.join(names)}), got {data!r}"
+            )
             return cls()
         kwargs = {}
         for key, value in data.items():
             dotted = f"{prefix}{key}"
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-                hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
+                hint = (
+                    f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
+                )
                 self.problems.append(f"unknown key '{dotted}' {self.where(dotted)}.{hint}")
                 continue
             tp = hints[key]
@@ -350,6 +362,7 @@ def _shorthand(data: dict) -> dict:
 
 # --------------------------------------------------------------------------- validation
 
+
 def _check(cfg: Config, b: _Builder) -> None:
     p = b.problems
     m, par, w = cfg.model, cfg.parallel, b.where
@@ -360,73 +373,109 @@ def _check(cfg: Config, b: _Builder) -> None:
         p.append(f"{key} = {value} {w(key)} must be {'>= 0' if allow_zero else '> 0'}")
         return False
 
-    sizes_ok = all([positive("model.n_layers", m.n_layers), positive("model.hidden_size", m.hidden_size),
-                    positive("model.n_heads", m.n_heads), positive("model.seq_length", m.seq_length),
-                    positive("model.ffn_hidden_size", m.ffn_hidden_size),
-                    positive("model.vocab_size", m.vocab_size),
-                    positive("model.max_position_embeddings", m.max_position_embeddings),
-                    positive("parallel.tp", par.tp), positive("parallel.pp", par.pp)])
+    sizes_ok = all(
+        [
+            positive("model.n_layers", m.n_layers),
+            positive("model.hidden_size", m.hidden_size),
+            positive("model.n_heads", m.n_heads),
+            positive("model.seq_length", m.seq_length),
+            positive("model.ffn_hidden_size", m.ffn_hidden_size),
+            positive("model.vocab_size", m.vocab_size),
+            positive("model.max_position_embeddings", m.max_position_embeddings),
+            positive("parallel.tp", par.tp),
+            positive("parallel.pp", par.pp),
+        ]
+    )
     positive("parallel.activation_checkpoint_interval", par.activation_checkpoint_interval, allow_zero=True)
     positive("model.loss_chunk_size", m.loss_chunk_size, allow_zero=True)
     if not sizes_ok:
         return
     if m.hidden_size % m.n_heads:
-        p.append(f"model.hidden_size = {m.hidden_size} {w('model.hidden_size')} is not divisible by "
-                 f"model.n_heads = {m.n_heads} {w('model.n_heads')}. Fix: make hidden_size a multiple of n_heads "
-                 f"(e.g. {m.hidden_size // m.n_heads * m.n_heads or m.n_heads}).")
+        p.append(
+            f"model.hidden_size = {m.hidden_size} {w('model.hidden_size')} is not divisible by "
+            f"model.n_heads = {m.n_heads} {w('model.n_heads')}. Fix: make hidden_size a multiple of n_heads "
+            f"(e.g. {m.hidden_size // m.n_heads * m.n_heads or m.n_heads})."
+        )
     elif m.position_embedding == "rotary":
         if not 0.0 < m.rotary_pct <= 1.0:
             p.append(f"model.rotary_pct = {m.rotary_pct} {w('model.rotary_pct')} must be in (0, 1]")
         elif m.rotary_dim % 2:
-            p.append(f"model.rotary_pct = {m.rotary_pct} {w('model.rotary_pct')} gives an odd rotary dimension "
-                     f"{m.rotary_dim} of head_dim {m.head_dim}. Fix: choose rotary_pct so head_dim * rotary_pct "
-                     "is even (0.25, 0.5, 1.0 with head_dim a multiple of 8).")
+            p.append(
+                f"model.rotary_pct = {m.rotary_pct} {w('model.rotary_pct')} gives an odd rotary dimension "
+                f"{m.rotary_dim} of head_dim {m.head_dim}. Fix: choose rotary_pct so head_dim * rotary_pct "
+                "is even (0.25, 0.5, 1.0 with head_dim a multiple of 8)."
+            )
     if m.seq_length > m.max_positions:
-        p.append(f"model.seq_length = {m.seq_length} {w('model.seq_length')} is above "
-                 f"model.max_position_embeddings = {m.max_positions} {w('model.max_position_embeddings')}. "
-                 "Fix: lower seq_length or raise max_position_embeddings.")
-    for key, value in (("model.attention_dropout", m.attention_dropout), ("model.hidden_dropout", m.hidden_dropout)):
+        p.append(
+            f"model.seq_length = {m.seq_length} {w('model.seq_length')} is above "
+            f"model.max_position_embeddings = {m.max_positions} {w('model.max_position_embeddings')}. "
+            "Fix: lower seq_length or raise max_position_embeddings."
+        )
+    for key, value in (
+        ("model.attention_dropout", m.attention_dropout),
+        ("model.hidden_dropout", m.hidden_dropout),
+    ):
         if not 0.0 <= value < 1.0:
             p.append(f"{key} = {value} {w(key)} must be in [0, 1)")
 
     # tensor and pipeline parallelism
     if par.tp > 1:
-        for key, value in (("model.n_heads", m.n_heads), ("model.hidden_size", m.hidden_size),
-                           ("model.ffn_hidden_size", m.ffn_size), ("model.vocab_size", m.vocab_size)):
+        for key, value in (
+            ("model.n_heads", m.n_heads),
+            ("model.hidden_size", m.hidden_size),
+            ("model.ffn_hidden_size", m.ffn_size),
+            ("model.vocab_size", m.vocab_size),
+        ):
             if value is not None and value % par.tp:
-                p.append(f"{key} = {value} {w(key)} is not divisible by parallel.tp = {par.tp} {w('parallel.tp')}. "
-                         f"Fix: choose a tp that divides {key.split('.')[1]}, or change {key}.")
+                p.append(
+                    f"{key} = {value} {w(key)} is not divisible by parallel.tp = {par.tp} {w('parallel.tp')}. "
+                    f"Fix: choose a tp that divides {key.split('.')[1]}, or change {key}."
+                )
     if par.pp > m.n_layers + 2:
-        p.append(f"parallel.pp = {par.pp} {w('parallel.pp')} is more stages than layers to place "
-                 f"(model.n_layers = {m.n_layers} blocks + embedding + head). Fix: lower parallel.pp.")
+        p.append(
+            f"parallel.pp = {par.pp} {w('parallel.pp')} is more stages than layers to place "
+            f"(model.n_layers = {m.n_layers} blocks + embedding + head). Fix: lower parallel.pp."
+        )
     method = par.partition_method
     if method not in ("parameters", "uniform") and not method.startswith("type:"):
-        p.append(f"parallel.partition_method = {method!r} {w('parallel.partition_method')} must be 'parameters', "
-                 "'uniform' or 'type:<layer class regex>' (e.g. 'type:Block')")
+        p.append(
+            f"parallel.partition_method = {method!r} {w('parallel.partition_method')} must be 'parameters', "
+            "'uniform' or 'type:<layer class regex>' (e.g. 'type:Block')"
+        )
     if cfg.world_size % (par.tp * par.pp):
-        p.append(f"world size {cfg.world_size} (processes launched) is not divisible by parallel.tp x parallel.pp = "
-                 f"{par.tp} x {par.pp} = {par.tp * par.pp}. Fix: launch a multiple of {par.tp * par.pp} processes "
-                 "or change tp/pp.")
+        p.append(
+            f"world size {cfg.world_size} (processes launched) is not divisible by parallel.tp x parallel.pp = "
+            f"{par.tp} x {par.pp} = {par.tp * par.pp}. Fix: launch a multiple of {par.tp * par.pp} processes "
+            "or change tp/pp."
+        )
 
     # ZeRO and precision
     z = cfg.zero
     if z.stage not in (0, 1, 2, 3):
         p.append(f"zero.stage = {z.stage} {w('zero.stage')} must be 0, 1, 2 or 3")
     if z.stage >= 2 and par.pp > 1:
-        p.append(f"zero.stage = {z.stage} {w('zero.stage')} cannot be combined with pipeline parallelism "
-                 f"(parallel.pp = {par.pp} {w('parallel.pp')}): DeepSpeed partitions gradients/parameters across "
-                 "micro-batches only without a pipeline. Fix: use zero.stage 0 or 1 with pp > 1.")
+        p.append(
+            f"zero.stage = {z.stage} {w('zero.stage')} cannot be combined with pipeline parallelism "
+            f"(parallel.pp = {par.pp} {w('parallel.pp')}): DeepSpeed partitions gradients/parameters across "
+            "micro-batches only without a pipeline. Fix: use zero.stage 0 or 1 with pp > 1."
+        )
     if z.offload_optimizer != "none" and z.stage == 0:
-        p.append(f"zero.offload_optimizer = {z.offload_optimizer} {w('zero.offload_optimizer')} needs "
-                 "zero.stage >= 1. Fix: set zero.stage: 1 (or 2, 3).")
+        p.append(
+            f"zero.offload_optimizer = {z.offload_optimizer} {w('zero.offload_optimizer')} needs "
+            "zero.stage >= 1. Fix: set zero.stage: 1 (or 2, 3)."
+        )
     if cfg.precision.dtype == "bf16" and par.pp > 1 and z.stage == 0:
-        p.append(f"precision.dtype = bf16 with parallel.pp = {par.pp} needs zero.stage >= 1 {w('zero.stage')}: "
-                 "DeepSpeed 0.19 cannot resume a bf16 pipeline checkpoint saved with ZeRO-0 (KeyError in its "
-                 "bf16 optimizer). Fix: set zero.stage: 1 (same memory on one data-parallel rank).")
+        p.append(
+            f"precision.dtype = bf16 with parallel.pp = {par.pp} needs zero.stage >= 1 {w('zero.stage')}: "
+            "DeepSpeed 0.19 cannot resume a bf16 pipeline checkpoint saved with ZeRO-0 (KeyError in its "
+            "bf16 optimizer). Fix: set zero.stage: 1 (same memory on one data-parallel rank)."
+        )
     fp = cfg.precision.fp16
     if fp.loss_scale < 0 or fp.min_loss_scale <= 0 or fp.loss_scale_window <= 0 or fp.hysteresis < 1:
-        p.append("precision.fp16: loss_scale must be >= 0, min_loss_scale > 0, loss_scale_window > 0, "
-                 "hysteresis >= 1")
+        p.append(
+            "precision.fp16: loss_scale must be >= 0, min_loss_scale > 0, loss_scale_window > 0, "
+            "hysteresis >= 1"
+        )
 
     _check_passthrough(cfg, b)
     _check_training(cfg, b)
@@ -459,13 +508,17 @@ def _check_passthrough(cfg: Config, b: _Builder) -> None:
             wanted = cfg.precision.dtype == key.split(".")[0]
             if bool(node) == wanted:
                 continue
-            b.problems.append(f"deepspeed.{key} = {node} {b.where('deepspeed.' + key)} contradicts "
-                              f"precision.dtype = {cfg.precision.dtype} {b.where('precision.dtype')} (fp16 and bf16 "
-                              f"are never both on). Fix: choose fp32, bf16 or fp16 with precision.dtype and remove "
-                              f"deepspeed.{key}.")
+            b.problems.append(
+                f"deepspeed.{key} = {node} {b.where('deepspeed.' + key)} contradicts "
+                f"precision.dtype = {cfg.precision.dtype} {b.where('precision.dtype')} (fp16 and bf16 "
+                f"are never both on). Fix: choose fp32, bf16 or fp16 with precision.dtype and remove "
+                f"deepspeed.{key}."
+            )
             continue
-        b.problems.append(f"deepspeed.{key} {b.where('deepspeed.' + key)} is derived by neo from {owner}. "
-                          f"Fix: set {owner} instead and remove deepspeed.{key}.")
+        b.problems.append(
+            f"deepspeed.{key} {b.where('deepspeed.' + key)} is derived by neo from {owner}. "
+            f"Fix: set {owner} instead and remove deepspeed.{key}."
+        )
 
 
 def _check_training(cfg: Config, b: _Builder) -> None:
@@ -474,36 +527,50 @@ def _check_training(cfg: Config, b: _Builder) -> None:
     if s.iterations <= 0:
         p.append(f"schedule.iterations = {s.iterations} {w('schedule.iterations')} must be > 0")
     if not 0 <= s.warmup <= max(s.iterations, 0):
-        p.append(f"schedule.warmup = {s.warmup} {w('schedule.warmup')} must be between 0 and "
-                 f"schedule.iterations = {s.iterations}")
+        p.append(
+            f"schedule.warmup = {s.warmup} {w('schedule.warmup')} must be between 0 and "
+            f"schedule.iterations = {s.iterations}"
+        )
     if s.decay_iters is not None and s.decay_iters <= s.warmup:
-        p.append(f"schedule.decay_iters = {s.decay_iters} {w('schedule.decay_iters')} must be above "
-                 f"schedule.warmup = {s.warmup}")
+        p.append(
+            f"schedule.decay_iters = {s.decay_iters} {w('schedule.decay_iters')} must be above "
+            f"schedule.warmup = {s.warmup}"
+        )
     if s.exit_interval is not None and s.exit_interval <= 0:
-        p.append(f"schedule.exit_interval = {s.exit_interval} {w('schedule.exit_interval')} must be > 0 (or null)")
+        p.append(
+            f"schedule.exit_interval = {s.exit_interval} {w('schedule.exit_interval')} must be > 0 (or null)"
+        )
     if o.lr <= 0:
         p.append(f"optimizer.lr = {o.lr} {w('optimizer.lr')} must be > 0")
     elif not 0 <= s.min_lr <= o.lr:
-        p.append(f"schedule.min_lr = {s.min_lr} {w('schedule.min_lr')} must be between 0 and "
-                 f"optimizer.lr = {o.lr} {w('optimizer.lr')}")
+        p.append(
+            f"schedule.min_lr = {s.min_lr} {w('schedule.min_lr')} must be between 0 and "
+            f"optimizer.lr = {o.lr} {w('optimizer.lr')}"
+        )
     if len(o.betas) != 2 or not all(0 <= x < 1 for x in o.betas):
         p.append(f"optimizer.betas = {o.betas} {w('optimizer.betas')} must be two numbers in [0, 1)")
     if o.weight_decay < 0 or o.grad_clip < 0 or o.eps <= 0:
         p.append("optimizer: weight_decay and grad_clip must be >= 0 and eps > 0")
     d = cfg.data
     if d.train_weights is not None and len(d.train_weights) != len(d.train_paths):
-        p.append(f"data.train_weights {w('data.train_weights')} has {len(d.train_weights)} weights for "
-                 f"{len(d.train_paths)} data.train_paths. Fix: give one weight per path.")
+        p.append(
+            f"data.train_weights {w('data.train_weights')} has {len(d.train_weights)} weights for "
+            f"{len(d.train_paths)} data.train_paths. Fix: give one weight per path."
+        )
     if d.train_weights is not None and (any(x < 0 for x in d.train_weights) or sum(d.train_weights) <= 0):
-        p.append(f"data.train_weights = {d.train_weights} {w('data.train_weights')} must be >= 0 with a positive sum")
+        p.append(
+            f"data.train_weights = {d.train_weights} {w('data.train_weights')} must be >= 0 with a positive sum"
+        )
     parts = d.split.replace("/", ",").split(",")
     try:
         shares = [float(x) for x in parts]
         if len(shares) > 3 or any(x < 0 for x in shares) or sum(shares) <= 0:
             raise ValueError
     except ValueError:
-        p.append(f"data.split = {d.split!r} {w('data.split')} must be up to three non-negative numbers "
-                 "train,valid,test such as '969,30,1'")
+        p.append(
+            f"data.split = {d.split!r} {w('data.split')} must be up to three non-negative numbers "
+            "train,valid,test such as '969,30,1'"
+        )
     if cfg.eval.interval < 0 or cfg.eval.iters < 0:
         p.append("eval.interval and eval.iters must be >= 0")
     if cfg.logging.interval <= 0:
@@ -512,11 +579,15 @@ def _check_training(cfg: Config, b: _Builder) -> None:
     if c.save_interval < 0:
         p.append(f"checkpoint.save_interval = {c.save_interval} {w('checkpoint.save_interval')} must be >= 0")
     if c.keep_last_n is not None and c.keep_last_n < 1:
-        p.append(f"checkpoint.keep_last_n = {c.keep_last_n} {w('checkpoint.keep_last_n')} must be >= 1 "
-                 "(or null to keep every checkpoint)")
+        p.append(
+            f"checkpoint.keep_last_n = {c.keep_last_n} {w('checkpoint.keep_last_n')} must be >= 1 "
+            "(or null to keep every checkpoint)"
+        )
     if c.load_weights_only and not c.load:
-        p.append(f"checkpoint.load_weights_only {w('checkpoint.load_weights_only')} needs checkpoint.load "
-                 "(the checkpoint to take the weights from)")
+        p.append(
+            f"checkpoint.load_weights_only {w('checkpoint.load_weights_only')} needs checkpoint.load "
+            "(the checkpoint to take the weights from)"
+        )
 
 
 def _resolve_batch(cfg: Config, b: _Builder) -> None:
@@ -541,27 +612,36 @@ def _resolve_batch(cfg: Config, b: _Builder) -> None:
         gb = mb * ga * dp
     elif mb is None:
         if gb % (ga * dp):
-            b.problems.append(f"batch.global_batch_size = {gb} {w('batch.global_batch_size')} is not divisible by "
-                              f"grad_accum x dp = {ga} x {dp}. Fix: {arithmetic}.")
+            b.problems.append(
+                f"batch.global_batch_size = {gb} {w('batch.global_batch_size')} is not divisible by "
+                f"grad_accum x dp = {ga} x {dp}. Fix: {arithmetic}."
+            )
             return
         mb = gb // (ga * dp)
     elif ga is None:
         if gb % (mb * dp):
-            b.problems.append(f"batch.global_batch_size = {gb} {w('batch.global_batch_size')} is not divisible by "
-                              f"micro_batch_size x dp = {mb} x {dp} = {mb * dp}. Fix: {arithmetic}; "
-                              f"e.g. global_batch_size = {max(1, gb // (mb * dp)) * mb * dp}.")
+            b.problems.append(
+                f"batch.global_batch_size = {gb} {w('batch.global_batch_size')} is not divisible by "
+                f"micro_batch_size x dp = {mb} x {dp} = {mb * dp}. Fix: {arithmetic}; "
+                f"e.g. global_batch_size = {max(1, gb // (mb * dp)) * mb * dp}."
+            )
             return
         ga = gb // (mb * dp)
     elif mb * ga * dp != gb:
-        b.problems.append(f"batch: {mb} x {ga} x {dp} = {mb * ga * dp}, not global_batch_size = {gb} "
-                          f"{w('batch.global_batch_size')} ({arithmetic}). Fix: drop one of the three to derive it, "
-                          "or make them agree.")
+        b.problems.append(
+            f"batch: {mb} x {ga} x {dp} = {mb * ga * dp}, not global_batch_size = {gb} "
+            f"{w('batch.global_batch_size')} ({arithmetic}). Fix: drop one of the three to derive it, "
+            "or make them agree."
+        )
         return
     bt.micro_batch_size, bt.grad_accum, bt.global_batch_size = mb, ga, gb
 
 
-def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = (),
-                world_size: int | None = None) -> Config:
+def load_config(
+    files: list[str] | tuple[str, ...] = (),
+    overrides: list[str] | tuple[str, ...] = (),
+    world_size: int | None = None,
+) -> Config:
     """Merge YAML ``files`` left to right, apply ``key=value`` overrides, build and validate.
 
     ``world_size`` (default: $WORLD_SIZE, else $SLURM_NTASKS, else 1) resolves the batch arithmetic.
@@ -588,6 +668,7 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
 
 # --------------------------------------------------------------------------- derived values
 
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -610,8 +691,12 @@ def deepspeed_config(cfg: Config) -> dict:
     z = cfg.zero
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage > 0:
-        zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
-                    reduce_bucket_size=z.reduce_bucket_size, allgather_bucket_size=z.allgather_bucket_size)
+        zero.update(
+            overlap_comm=z.overlap_comm,
+            contiguous_gradients=z.contiguous_gradients,
+            reduce_bucket_size=z.reduce_bucket_size,
+            allgather_bucket_size=z.allgather_bucket_size,
+        )
     if z.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": z.offload_optimizer, "pin_memory": True}
     fp = cfg.precision.fp16
@@ -620,12 +705,19 @@ def deepspeed_config(cfg: Config) -> dict:
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
         "gradient_accumulation_steps": cfg.batch.grad_accum,
         # fp32 without ZeRO: neo's optimizer clips (and measures the norm), see neo/train/optim.py
-        "gradient_clipping": 0.0 if (z.stage == 0 and cfg.precision.dtype == "fp32") else cfg.optimizer.grad_clip,
+        "gradient_clipping": 0.0
+        if (z.stage == 0 and cfg.precision.dtype == "fp32")
+        else cfg.optimizer.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision.dtype == "bf16"},
-        "fp16": {"enabled": cfg.precision.dtype == "fp16", "loss_scale": fp.loss_scale,
-                 "initial_scale_power": fp.initial_scale_power, "loss_scale_window": fp.loss_scale_window,
-                 "hysteresis": fp.hysteresis, "min_loss_scale": fp.min_loss_scale},
+        "fp16": {
+            "enabled": cfg.precision.dtype == "fp16",
+            "loss_scale": fp.loss_scale,
+            "initial_scale_power": fp.initial_scale_power,
+            "loss_scale_window": fp.loss_scale_window,
+            "hysteresis": fp.hysteresis,
+            "min_loss_scale": fp.min_loss_scale,
+        },
         # neo passes its own torch optimizer; ZeRO must accept it.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -640,13 +732,16 @@ def deepspeed_config(cfg: Config) -> dict:
 
 def batch_arithmetic(cfg: Config) -> str:
     b = cfg.batch
-    return (f"global_batch_size {b.global_batch_size} = micro_batch_size {b.micro_batch_size} x grad_accum "
-            f"{b.grad_accum} x data-parallel {cfg.dp} (world {cfg.world_size} / tp {cfg.parallel.tp} / "
-            f"pp {cfg.parallel.pp}); {b.global_batch_size * cfg.model.seq_length:,} tokens per step, "
-            f"{b.global_batch_size * cfg.model.seq_length * cfg.schedule.iterations:,} in the run")
+    return (
+        f"global_batch_size {b.global_batch_size} = micro_batch_size {b.micro_batch_size} x grad_accum "
+        f"{b.grad_accum} x data-parallel {cfg.dp} (world {cfg.world_size} / tp {cfg.parallel.tp} / "
+        f"pp {cfg.parallel.pp}); {b.global_batch_size * cfg.model.seq_length:,} tokens per step, "
+        f"{b.global_batch_size * cfg.model.seq_length * cfg.schedule.iterations:,} in the run"
+    )
 
 
 # --------------------------------------------------------------------------- reference documentation
+
 
 def _field_comments(cls) -> dict[str, str]:
     """Each field's comment in the class source: trailing (``x: int = 1  # ...``) or on the lines above."""
@@ -678,8 +773,11 @@ def reference_markdown() -> str:
             continue
         tp = typing.get_type_hints(Config)[f.name]
         if not dataclasses.is_dataclass(tp):
-            doc = "extra DeepSpeed config keys, merged last (neo refuses keys it derives itself)" \
-                if f.name == "deepspeed" else "seed of the weights, the data order and dropout"
+            doc = (
+                "extra DeepSpeed config keys, merged last (neo refuses keys it derives itself)"
+                if f.name == "deepspeed"
+                else "seed of the weights, the data order and dropout"
+            )
             out.append(f"| `{f.name}` | {_describe(tp)} | `{defaults[f.name]}` | {doc} |")
             continue
         stack = [(f"{f.name}.", tp, defaults[f.name])]
@@ -692,27 +790,51 @@ def reference_markdown() -> str:
                     stack.append((f"{prefix}{sub.name}.", hints[sub.name], values[sub.name]))
                     continue
                 default = values[sub.name]
-                out.append(f"| `{prefix}{sub.name}` | {_describe(hints[sub.name]).replace('|', '/')} | `{default}` | "
-                           f"{notes.get(sub.name, '')} |")
+                out.append(
+                    f"| `{prefix}{sub.name}` | {_describe(hints[sub.name]).replace('|', '/')} | `{default}` | "
+                    f"{notes.get(sub.name, '')} |"
+                )
     return "| key | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- command line
 
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("configs", nargs="+", metavar="CONFIG.yml",
-                        help="YAML config files, merged left to right (later files win)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    parser.add_argument(
+        "configs",
+        nargs="+",
+        metavar="CONFIG.yml",
+        help="YAML config files, merged left to right (later files win)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set optimizer.lr=3e-4 (repeatable)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m neo.config",
-                                     description="Resolve, validate and explain neo config files.")
-    parser.add_argument("configs", nargs="*", metavar="CONFIG.yml",
-                        help="YAML config files, merged left to right (later files win)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="python -m neo.config", description="Resolve, validate and explain neo config files."
+    )
+    parser.add_argument(
+        "configs",
+        nargs="*",
+        metavar="CONFIG.yml",
+        help="YAML config files, merged left to right (later files win)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set optimizer.lr=3e-4 (repeatable)",
+    )
     parser.add_argument("--reference", action="store_true", help="print the config reference (markdown)")
     parser.add_argument("--explain", action="store_true", help="print the resolved config and derived values")
     parser.add_argument("--world-size", type=int, default=None, help="processes the run will use (default 1)")

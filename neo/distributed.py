@@ -53,11 +53,18 @@ def slurm_hostnames(nodelist: str) -> list[str]:
     if not re.search(r"[\[\]]", nodelist):  # a plain comma-separated list needs no scontrol
         return [h for h in nodelist.split(",") if h]
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
-                             text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise LaunchError(f"could not expand SLURM_JOB_NODELIST={nodelist!r} with 'scontrol show hostnames': "
-                          f"{e}. Fix: run inside a SLURM allocation with scontrol on PATH, or set MASTER_ADDR.") from e
+        raise LaunchError(
+            f"could not expand SLURM_JOB_NODELIST={nodelist!r} with 'scontrol show hostnames': "
+            f"{e}. Fix: run inside a SLURM allocation with scontrol on PATH, or set MASTER_ADDR."
+        ) from e
     hosts = out.split()
     if not hosts:
         raise LaunchError(f"'scontrol show hostnames {nodelist}' printed no host names")
@@ -73,8 +80,9 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
             raise LaunchError(f"cannot read SLURM tasks per node {tasks_per_node!r}")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     if not 0 <= node_id < len(counts):
-        raise LaunchError(f"SLURM_NODEID={node_id} but the tasks-per-node list {tasks_per_node!r} has "
-                          f"{len(counts)} node(s)")
+        raise LaunchError(
+            f"SLURM_NODEID={node_id} but the tasks-per-node list {tasks_per_node!r} has {len(counts)} node(s)"
+        )
     return counts[node_id]
 
 
@@ -109,13 +117,16 @@ def _from_launcher(env) -> DistEnv:
     addr = env.get("MASTER_ADDR") or ""
     if not addr:
         if local_world < world:
-            raise LaunchError(f"WORLD_SIZE={world} spans several nodes ({local_world} processes here) but "
-                              "MASTER_ADDR is not set. Fix: set MASTER_ADDR to the host of rank 0.")
+            raise LaunchError(
+                f"WORLD_SIZE={world} spans several nodes ({local_world} processes here) but "
+                "MASTER_ADDR is not set. Fix: set MASTER_ADDR to the host of rank 0."
+            )
         addr = "127.0.0.1"
     port = _int(env, "MASTER_PORT", 29500)
     if not 0 <= local_rank < local_world:
-        raise LaunchError(f"LOCAL_RANK={local_rank} is outside the {local_world} process(es) on this node "
-                          f"({launcher})")
+        raise LaunchError(
+            f"LOCAL_RANK={local_rank} is outside the {local_world} process(es) on this node ({launcher})"
+        )
     return DistEnv(_int(env, "RANK"), world, local_rank, local_world, addr, port, launcher)
 
 
@@ -131,7 +142,9 @@ def _from_slurm_step(env) -> DistEnv:
     addr = env.get("MASTER_ADDR")
     if not addr:
         # rank 0 runs on the first node of the step (SLURM numbers tasks in node order)
-        addr = slurm_hostnames(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost")[0]
+        addr = slurm_hostnames(
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+        )[0]
     port = _int(env, "MASTER_PORT", 0) or slurm_port(_int(env, "SLURM_JOB_ID", 0))
     return DistEnv(_int(env, "SLURM_PROCID"), world, local_rank, local_world, addr, port, "slurm")
 
@@ -142,8 +155,10 @@ def read_env(environ=None) -> DistEnv:
     has_rank, has_world = "RANK" in env, "WORLD_SIZE" in env
     if has_rank != has_world:
         given, missing = ("RANK", "WORLD_SIZE") if has_rank else ("WORLD_SIZE", "RANK")
-        raise LaunchError(f"{given} is set but {missing} is not: the launch environment is half-defined. "
-                          "Fix: start with torchrun, deepspeed or srun, or unset RANK and WORLD_SIZE.")
+        raise LaunchError(
+            f"{given} is set but {missing} is not: the launch environment is half-defined. "
+            "Fix: start with torchrun, deepspeed or srun, or unset RANK and WORLD_SIZE."
+        )
     if has_rank:
         result = _from_launcher(env)
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
@@ -152,23 +167,32 @@ def read_env(environ=None) -> DistEnv:
         result = DistEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
         ntasks = env.get("SLURM_NTASKS")
         if ntasks and ntasks != "1" and "SLURM_JOB_ID" in env:
-            result.note = (f"running one process inside SLURM job {env['SLURM_JOB_ID']} of {ntasks} tasks: "
-                           "start the script with srun (see slurm/train.sbatch) to use them all")
+            result.note = (
+                f"running one process inside SLURM job {env['SLURM_JOB_ID']} of {ntasks} tasks: "
+                "start the script with srun (see slurm/train.sbatch) to use them all"
+            )
     if result.world_size < 1:
         raise LaunchError(f"world size {result.world_size} ({result.launcher}) must be at least 1")
     if not 0 <= result.rank < result.world_size:
         raise LaunchError(f"rank {result.rank} is outside world size {result.world_size} ({result.launcher})")
     if result.local_world_size > result.world_size:
-        raise LaunchError(f"{result.local_world_size} processes on this node but world size "
-                          f"{result.world_size} ({result.launcher})")
+        raise LaunchError(
+            f"{result.local_world_size} processes on this node but world size "
+            f"{result.world_size} ({result.launcher})"
+        )
     return result
 
 
 def export(env: DistEnv) -> None:
     """Make the variables DeepSpeed and torch.distributed read agree with ``env``."""
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                      LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
-                      MASTER_PORT=str(env.master_port))
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        LOCAL_WORLD_SIZE=str(env.local_world_size),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
 
 
@@ -215,10 +239,12 @@ def device_for(env: DistEnv):
         return torch.device("cpu")
     n = torch.cuda.device_count()
     if env.local_world_size > n or env.local_rank >= n:
-        raise LaunchError(f"{env.local_world_size} ranks on this node but it shows {n} GPU(s) "
-                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Fix: launch "
-                          f"at most {n} processes per node (--num_gpus / --nproc_per_node / --ntasks-per-node), "
-                          "and let every task see all of the node's GPUs.")
+        raise LaunchError(
+            f"{env.local_world_size} ranks on this node but it shows {n} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Fix: launch "
+            f"at most {n} processes per node (--num_gpus / --nproc_per_node / --ntasks-per-node), "
+            "and let every task see all of the node's GPUs."
+        )
     torch.cuda.set_device(env.local_rank)
     return torch.device("cuda", env.local_rank)
 
@@ -270,13 +296,21 @@ def init(timeout_minutes: int = 30) -> DistEnv:
     import deepspeed
 
     _skip_shm_build()
-    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes),
-                               rank=env.rank, world_size=env.world_size)
+    deepspeed.init_distributed(
+        dist_backend=backend(),
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        rank=env.rank,
+        world_size=env.world_size,
+    )
     if env.rank == 0:
         name = f" ({_device_name(device)})" if device.type == "cuda" else f", {threads} thread(s) per rank"
-        print(f"neo: {env.world_size} rank(s) from {env.launcher}, {env.local_world_size} on this node; "
-              f"backend {backend()}; device {device}{name}; master {env.master_addr}:{env.master_port}", flush=True)
+        print(
+            f"neo: {env.world_size} rank(s) from {env.launcher}, {env.local_world_size} on this node; "
+            f"backend {backend()}; device {device}{name}; master {env.master_addr}:{env.master_port}",
+            flush=True,
+        )
     return env
 
 

@@ -23,9 +23,21 @@ BF16_FIRST_STEPS = ("schedule.exit_interval=5",)
 def sample_tokens(tmp_path_factory) -> str:
     """The bundled Austen corpus tokenized with GPT-2 BPE; returns the .bin/.idx prefix."""
     out = tmp_path_factory.mktemp("tokens") / "sample"
-    subprocess.run([sys.executable, str(ROOT / "launch" / "preprocess.py"), str(ROOT / "data" / "sample" /
-                    "austen.jsonl.gz"), "--output", str(out), "--workers", "2"],
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "preprocess.py"),
+            str(ROOT / "data" / "sample" / "austen.jsonl.gz"),
+            "--output",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return str(out)
 
 
@@ -72,14 +84,27 @@ class Run:
         return any(r.get("event") == "end" and r.get("exit_code") == 0 for r in self.records)
 
 
-def run_training(run_dir: Path, *overrides: str, nproc: int = 1, configs: tuple[str, ...] = (TINY,),
-                 timeout: int = 300, check: bool = True) -> Run:
+def run_training(
+    run_dir: Path,
+    *overrides: str,
+    nproc: int = 1,
+    configs: tuple[str, ...] = (TINY,),
+    timeout: int = 300,
+    check: bool = True,
+) -> Run:
     """Train with ``python launch/train.py`` (nproc = 1) or ``torchrun`` (nproc > 1) and collect the results."""
     script = str(ROOT / "launch" / "train.py")
     if nproc == 1:
         cmd = [sys.executable, script]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            script,
+        ]
     cmd += [*configs, "--set", f"logging.dir={run_dir}"]
     for o in overrides:
         cmd += ["--set", o]
@@ -87,7 +112,9 @@ def run_training(run_dir: Path, *overrides: str, nproc: int = 1, configs: tuple[
     run = Run(proc, run_dir)
     if check:
         crashed_at_exit = proc.returncode in (-signal.SIGABRT, 128 + signal.SIGABRT, 1) and run.finished
-        assert proc.returncode == 0 or crashed_at_exit, f"training failed ({proc.returncode}):\n{run.output[-4000:]}"
+        assert proc.returncode == 0 or crashed_at_exit, (
+            f"training failed ({proc.returncode}):\n{run.output[-4000:]}"
+        )
         assert run.finished, f"training did not finish:\n{run.output[-4000:]}"
     return run
 
@@ -97,6 +124,12 @@ def tiny_checkpoint(tmp_path_factory, sample_tokens) -> Path:
     """The tiny model trained for 20 steps on the sample corpus with the real CLI; the checkpoint root
     that generation and evaluation tests load (trained once per session)."""
     run_dir = tmp_path_factory.mktemp("tiny-run")
-    run_training(run_dir, f"data.train_paths=[{sample_tokens}]", "schedule.iterations=20", "optimizer.lr=1e-2",
-                 "eval.interval=0", timeout=600)
+    run_training(
+        run_dir,
+        f"data.train_paths=[{sample_tokens}]",
+        "schedule.iterations=20",
+        "optimizer.lr=1e-2",
+        "eval.interval=0",
+        timeout=600,
+    )
     return run_dir / "checkpoints"

@@ -30,11 +30,15 @@ def sample_texts() -> list[str]:
     return [r["text"] for r in sample_records()]
 
 
-def synthetic_docs(n_docs: int, seed: int = 0, lo: int = 1, hi: int = 300, first: int = 0) -> list[np.ndarray]:
+def synthetic_docs(
+    n_docs: int, seed: int = 0, lo: int = 1, hi: int = 300, first: int = 0
+) -> list[np.ndarray]:
     """Documents of random length; doc d = [1 + d*STRIDE, 2 + d*STRIDE, ...] + [EOD]."""
     rng = np.random.default_rng(seed)
-    return [np.append(1 + d * STRIDE + np.arange(rng.integers(lo, hi)), EOD).astype(np.int64)
-            for d in range(first, first + n_docs)]
+    return [
+        np.append(1 + d * STRIDE + np.arange(rng.integers(lo, hi)), EOD).astype(np.int64)
+        for d in range(first, first + n_docs)
+    ]
 
 
 def write_synthetic(prefix: Path, docs: list[np.ndarray]) -> str:

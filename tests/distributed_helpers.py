@@ -34,8 +34,9 @@ def spawn(fn, world: int, *args) -> list:
     """``fn(rank, world, *args)`` on ``world`` processes; returns every rank's result, raises on any error."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.start_processes(_worker, args=(world, init_file, tmp, fn, args), nprocs=world, join=True,
-                           start_method="spawn")
+        mp.start_processes(
+            _worker, args=(world, init_file, tmp, fn, args), nprocs=world, join=True, start_method="spawn"
+        )
         results = []
         for rank in range(world):
             with open(os.path.join(tmp, f"{rank}.pkl"), "rb") as f:

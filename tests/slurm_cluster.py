@@ -29,8 +29,17 @@ from pathlib import Path
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo"]
 # squeue/scontrol states after which a job will not run again by itself.
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 class ClusterError(RuntimeError):
@@ -126,8 +135,9 @@ class LocalSlurm:
             if state == "idle":
                 return
             time.sleep(0.2)
-        raise ClusterError(f"node {self.node} not idle after {timeout:.0f} s (state {state!r}); logs:\n"
-                           + self.logs())
+        raise ClusterError(
+            f"node {self.node} not idle after {timeout:.0f} s (state {state!r}); logs:\n" + self.logs()
+        )
 
     def _start_munge(self) -> None:
         m = self.root / "munge"
@@ -138,12 +148,25 @@ class LocalSlurm:
         self.munge_socket.parent.chmod(0o755)
         key = m / "munge.key"
         if not key.exists():
-            subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True,
-                           timeout=30, env=self.env)
+            subprocess.run(
+                ["mungekey", "--create", f"--keyfile={key}"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+                env=self.env,
+            )
         key.chmod(0o600)
-        self._daemon(["munged", f"--socket={self.munge_socket}", f"--key-file={key}",
-                      f"--log-file={m / 'munged.log'}", f"--pid-file={m / 'munged.pid'}",
-                      f"--seed-file={m / 'munged.seed'}"], m / "munged.pid")
+        self._daemon(
+            [
+                "munged",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--log-file={m / 'munged.log'}",
+                f"--pid-file={m / 'munged.pid'}",
+                f"--seed-file={m / 'munged.seed'}",
+            ],
+            m / "munged.pid",
+        )
 
     def _write_conf(self) -> None:
         r, node = self.root, self.node
@@ -171,12 +194,12 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 KillWait=30
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}
-SlurmdPidFile={r / 'run' / 'slurmd.pid'}
-SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "run" / "slurmctld.pid"}
+SlurmdPidFile={r / "run" / "slurmd.pid"}
+SlurmctldLogFile={r / "log" / "slurmctld.log"}
+SlurmdLogFile={r / "log" / "slurmd.log"}
 NodeName={node} NodeAddr=127.0.0.1 CPUs={self.cpus} Boards=1 SocketsPerBoard=1 CoresPerSocket={self.cpus} \
 ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
@@ -194,8 +217,9 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
             if pid and _alive(pid):
                 return
             time.sleep(0.1)
-        raise ClusterError(f"{cmd[0]} did not start (rc {proc.returncode}): {proc.stderr.strip()}\n"
-                           + self.logs())
+        raise ClusterError(
+            f"{cmd[0]} did not start (rc {proc.returncode}): {proc.stderr.strip()}\n" + self.logs()
+        )
 
     @staticmethod
     def _pid(pidfile: Path) -> int | None:
@@ -250,11 +274,20 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
         """Submit a job; it runs with ``env`` (default: this process's), pointed at this cluster."""
         job_env = dict(self.env)
         if env is not None:
-            job_env = dict(env, SLURM_CONF=str(self.conf),
-                           PATH=os.pathsep.join([env.get("PATH", ""), "/usr/sbin", "/sbin"]))
+            job_env = dict(
+                env,
+                SLURM_CONF=str(self.conf),
+                PATH=os.pathsep.join([env.get("PATH", ""), "/usr/sbin", "/sbin"]),
+            )
         try:
-            proc = subprocess.run(["sbatch", "--parsable", *args], env=job_env, cwd=cwd, capture_output=True,
-                                  text=True, timeout=30)
+            proc = subprocess.run(
+                ["sbatch", "--parsable", *args],
+                env=job_env,
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         except subprocess.TimeoutExpired as e:
             raise ClusterError(f"sbatch {' '.join(args)}: {e}") from e
         if proc.returncode != 0:
@@ -275,8 +308,10 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
             if info.get("JobState") in states:
                 return info
             time.sleep(0.2)
-        raise ClusterError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s "
-                           f"(state {info.get('JobState')!r})\n" + self.logs())
+        raise ClusterError(
+            f"job {job_id} not in {sorted(states)} after {timeout:.0f} s "
+            f"(state {info.get('JobState')!r})\n" + self.logs()
+        )
 
     def logs(self, tail: int = 30) -> str:
         parts = []

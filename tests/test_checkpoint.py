@@ -19,9 +19,17 @@ from conftest import ROOT, TINY, _env, run_training
 from neo.train.checkpoint import load_full_weights
 
 STEPS = 12
-COMMON = (f"schedule.iterations={STEPS}", "schedule.warmup=2", "optimizer.lr=3e-3", "eval.interval=0",
-          "logging.interval=4", "checkpoint.save_interval=2", "checkpoint.keep_last_n=2",
-          "batch.micro_batch_size=2", "batch.grad_accum=2")
+COMMON = (
+    f"schedule.iterations={STEPS}",
+    "schedule.warmup=2",
+    "optimizer.lr=3e-3",
+    "eval.interval=0",
+    "logging.interval=4",
+    "checkpoint.save_interval=2",
+    "checkpoint.keep_last_n=2",
+    "batch.micro_batch_size=2",
+    "batch.grad_accum=2",
+)
 
 
 def last_losses(run_dir: Path) -> dict[int, float]:
@@ -49,11 +57,27 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def start(run_dir: Path, *overrides: str, nproc: int = 1) -> subprocess.Popen:
     script = str(ROOT / "launch" / "train.py")
-    cmd = [sys.executable, script] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                         f"--nproc_per_node={nproc}", script]
+    cmd = (
+        [sys.executable, script]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            script,
+        ]
+    )
     cmd += [TINY, "--set", f"logging.dir={run_dir}"] + [a for o in overrides for a in ("--set", o)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def kill_when(proc: subprocess.Popen, condition, timeout: float = 120) -> bool:
@@ -83,7 +107,9 @@ def uninterrupted(sample_tokens, tmp_path_factory):
     return run_dir, last_losses(run_dir), final_weights(run_dir)
 
 
-def test_sigkill_at_random_points_then_resume_reaches_the_same_weights(uninterrupted, sample_tokens, tmp_path):
+def test_sigkill_at_random_points_then_resume_reaches_the_same_weights(
+    uninterrupted, sample_tokens, tmp_path
+):
     _, ref_losses, ref_weights = uninterrupted
     rng = random.Random()
     kills = 0
@@ -97,12 +123,18 @@ def test_sigkill_at_random_points_then_resume_reaches_the_same_weights(uninterru
     assert_same_weights(final_weights(tmp_path), ref_weights)
 
 
-def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(uninterrupted, sample_tokens, tmp_path):
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(
+    uninterrupted, sample_tokens, tmp_path
+):
     _, ref_losses, ref_weights = uninterrupted
     ckpts = tmp_path / "checkpoints"
 
     def saving() -> bool:
-        return ckpts.is_dir() and any(n.startswith(".tmp-") for n in os.listdir(ckpts)) and steps_done(tmp_path) > 2
+        return (
+            ckpts.is_dir()
+            and any(n.startswith(".tmp-") for n in os.listdir(ckpts))
+            and steps_done(tmp_path) > 2
+        )
 
     proc = start(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON)
     assert kill_when(proc, saving), "the run finished before a save could be interrupted"
@@ -138,7 +170,9 @@ def test_sigterm_saves_and_exits_with_the_requeue_code_then_resumes(sample_token
 
 
 def test_truncated_and_incomplete_checkpoints_are_refused(uninterrupted, sample_tokens, tmp_path):
-    run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON[:1], "schedule.iterations=4", *COMMON[1:])
+    run_training(
+        tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON[:1], "schedule.iterations=4", *COMMON[1:]
+    )
     newest = tmp_path / "checkpoints" / "iter_00000004"
     victim = newest / "mp_rank_00_model_states.pt"
     data = victim.read_bytes()
@@ -159,17 +193,34 @@ def test_truncated_and_incomplete_checkpoints_are_refused(uninterrupted, sample_
 
 def test_other_model_shape_is_refused(uninterrupted, sample_tokens, tmp_path):
     src, _, _ = uninterrupted
-    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON, "model.hidden_size=128",
-                       f"checkpoint.load={src / 'checkpoints'}", check=False)
+    run = run_training(
+        tmp_path,
+        f"data.train_paths=[{sample_tokens}]",
+        *COMMON,
+        "model.hidden_size=128",
+        f"checkpoint.load={src / 'checkpoints'}",
+        check=False,
+    )
     assert run.returncode == 2 and "different model shape" in run.output and "hidden_size" in run.output
 
 
 def test_load_weights_only_starts_fine_tuning_at_iteration_zero(uninterrupted, sample_tokens, tmp_path):
     src, _, ref_weights = uninterrupted
-    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *COMMON, "schedule.iterations=2",
-                       f"checkpoint.load={src / 'checkpoints'}", "checkpoint.load_weights_only=true",
-                       "checkpoint.save_interval=0", "optimizer.lr=1e-12", "schedule.warmup=0")
-    assert "starting at iteration 0" in run.output and [r["step"] for r in run.records if "loss" in r] == [1, 2]
+    run = run_training(
+        tmp_path,
+        f"data.train_paths=[{sample_tokens}]",
+        *COMMON,
+        "schedule.iterations=2",
+        f"checkpoint.load={src / 'checkpoints'}",
+        "checkpoint.load_weights_only=true",
+        "checkpoint.save_interval=0",
+        "optimizer.lr=1e-12",
+        "schedule.warmup=0",
+    )
+    assert "starting at iteration 0" in run.output and [r["step"] for r in run.records if "loss" in r] == [
+        1,
+        2,
+    ]
     tuned = final_weights(tmp_path)  # two steps at lr 1e-12 leave the loaded weights (almost) unchanged
     assert all(torch.allclose(tuned[k], ref_weights[k], atol=1e-6) for k in ref_weights)
 
@@ -189,15 +240,28 @@ def test_reshape_zero1_dp2_to_zero0_keeps_adam_moments(uninterrupted, sample_tok
     ZeRO: steps 7-12 give the uninterrupted run's losses. Fresh moments are ~1e-3 off (negative control)."""
     _, ref_losses, _ = uninterrupted
     two = tmp_path / "zero1"
-    run_training(two, f"data.train_paths=[{sample_tokens}]", *COMMON, "zero.stage=1", "batch.micro_batch_size=1",
-                 "schedule.exit_interval=6", nproc=2)
-    one = run_training(tmp_path / "zero0", f"data.train_paths=[{sample_tokens}]", *COMMON,
-                       f"checkpoint.load={two / 'checkpoints'}")
+    run_training(
+        two,
+        f"data.train_paths=[{sample_tokens}]",
+        *COMMON,
+        "zero.stage=1",
+        "batch.micro_batch_size=1",
+        "schedule.exit_interval=6",
+        nproc=2,
+    )
+    one = run_training(
+        tmp_path / "zero0",
+        f"data.train_paths=[{sample_tokens}]",
+        *COMMON,
+        f"checkpoint.load={two / 'checkpoints'}",
+    )
     assert "optimizer state (Adam moments at step 6)" in one.output and "starts fresh" not in one.output
     assert_same_curve(one.dir, ref_losses, list(range(7, STEPS + 1)))
 
 
-def test_reshape_without_saved_optimizer_state_says_the_moments_start_fresh(uninterrupted, sample_tokens, tmp_path):
+def test_reshape_without_saved_optimizer_state_says_the_moments_start_fresh(
+    uninterrupted, sample_tokens, tmp_path
+):
     """A checkpoint from before neo saved optimizer state still loads into another layout, and says so."""
     src, _, _ = uninterrupted
     old = tmp_path / "old" / "iter_00000012"
@@ -208,9 +272,18 @@ def test_reshape_without_saved_optimizer_state_says_the_moments_start_fresh(unin
         del meta["files"][rel]
     del meta["optimizer_state"]
     (old / "neo.json").write_text(json.dumps(meta))
-    run = run_training(tmp_path / "run", f"data.train_paths=[{sample_tokens}]", *COMMON, "schedule.iterations=14",
-                       "zero.stage=1", f"checkpoint.load={old}")
-    assert "the optimizer state (Adam moments) starts fresh: this checkpoint holds no optimizer state" in run.output
+    run = run_training(
+        tmp_path / "run",
+        f"data.train_paths=[{sample_tokens}]",
+        *COMMON,
+        "schedule.iterations=14",
+        "zero.stage=1",
+        f"checkpoint.load={old}",
+    )
+    assert (
+        "the optimizer state (Adam moments) starts fresh: this checkpoint holds no optimizer state"
+        in run.output
+    )
     assert [r["step"] for r in run.records if "loss" in r] == [13, 14]
 
 
@@ -220,22 +293,41 @@ def test_reshape_tp2_pp2_to_one_process_and_back(sample_tokens, tmp_path):
     Each leg's losses are those of an uninterrupted single-process run (moments carried both ways; a constant
     learning rate, so that fresh moments would show: ~1e-3 off), and the validation loss right after each load
     is the one the saving run measured."""
-    args = (f"data.train_paths=[{sample_tokens}]", "schedule.warmup=2", "optimizer.lr=3e-3", "eval.iters=2",
-            "logging.interval=2", "batch.global_batch_size=8", "batch.micro_batch_size=2", "model.n_layers=3",
-            "schedule.iterations=8", "schedule.decay=constant", "eval.interval=3", "checkpoint.save_interval=0",
-            "model.vocab_size=50432")  # tp 2 pads the vocabulary to 50432: the same model in both layouts
+    args = (
+        f"data.train_paths=[{sample_tokens}]",
+        "schedule.warmup=2",
+        "optimizer.lr=3e-3",
+        "eval.iters=2",
+        "logging.interval=2",
+        "batch.global_batch_size=8",
+        "batch.micro_batch_size=2",
+        "model.n_layers=3",
+        "schedule.iterations=8",
+        "schedule.decay=constant",
+        "eval.interval=3",
+        "checkpoint.save_interval=0",
+        "model.vocab_size=50432",
+    )  # tp 2 pads the vocabulary to 50432: the same model in both layouts
     ref = last_losses(run_training(tmp_path / "ref", *args, "eval.interval=0").dir)
     four = tmp_path / "four"
     src = run_training(four, *args, "schedule.exit_interval=3", "parallel.tp=2", "parallel.pp=2", nproc=4)
-    one = run_training(tmp_path / "one", *args, "schedule.exit_interval=3", f"checkpoint.load={four / 'checkpoints'}")
+    one = run_training(
+        tmp_path / "one", *args, "schedule.exit_interval=3", f"checkpoint.load={four / 'checkpoints'}"
+    )
     reshaped = [r for r in one.records if r.get("note")]
     assert "optimizer state (Adam moments at step 3)" in one.output
     assert reshaped and reshaped[0]["step"] == 3
     assert abs(reshaped[0]["valid_loss"] - src.valid_losses[-1]) <= 1e-5 * src.valid_losses[-1]
     assert_same_curve(one.dir, ref, [4, 5, 6])
 
-    back = run_training(tmp_path / "back", *args, "parallel.tp=2", "parallel.pp=2",
-                        f"checkpoint.load={tmp_path / 'one' / 'checkpoints'}", nproc=4)
+    back = run_training(
+        tmp_path / "back",
+        *args,
+        "parallel.tp=2",
+        "parallel.pp=2",
+        f"checkpoint.load={tmp_path / 'one' / 'checkpoints'}",
+        nproc=4,
+    )
     again = [r for r in back.records if r.get("note")]
     assert "optimizer state (Adam moments at step 6)" in back.output
     assert again and abs(again[0]["valid_loss"] - one.valid_losses[-1]) <= 1e-5 * one.valid_losses[-1]

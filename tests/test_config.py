@@ -72,25 +72,46 @@ def test_wrong_type(tmp_path):
     assert "must be bool" in problems(tmp_path, {"model": {"parallel_residual": "yes"}})
 
 
-@pytest.mark.parametrize("data, expected", [
-    ({"model": {"hidden_size": 100, "n_heads": 3}}, "model.hidden_size = 100 (set in"),
-    ({"model": {"seq_length": 4096, "max_position_embeddings": 2048}}, "is above model.max_position_embeddings"),
-    ({"zero": {"stage": 2}, "parallel": {"pp": 2}, "model": {"n_layers": 4}}, "cannot be combined with pipeline"),
-    ({"zero": {"stage": 3}, "parallel": {"pp": 2}, "model": {"n_layers": 4}}, "Fix: use zero.stage 0 or 1"),
-    ({"precision": {"dtype": "fp16"}, "deepspeed": {"bf16": {"enabled": True}}}, "fp16 and bf16 are never both on"),
-    ({"model": {"hidden_size": 64, "n_heads": 4}, "parallel": {"tp": 3}}, "not divisible by parallel.tp = 3"),
-    ({"batch": {"micro_batch_size": 4, "grad_accum": 2, "global_batch_size": 9}}, "4 x 2 x 1 = 8, not"),
-    ({"batch": {"micro_batch_size": 3, "global_batch_size": 10}}, "not divisible by micro_batch_size x dp"),
-    ({"schedule": {"iterations": 10, "warmup": 20}}, "schedule.warmup = 20"),
-    ({"zero": {"stage": 4}}, "zero.stage = 4"),
-    ({"zero": {"stage": 0, "offload_optimizer": "cpu"}}, "needs zero.stage >= 1"),
-    ({"data": {"train_paths": ["a", "b"], "train_weights": [1.0]}}, "one weight per path"),
-    ({"data": {"split": "90,x"}}, "data.split = '90,x'"),
-    ({"deepspeed": {"train_batch_size": 8}}, "derived by neo from batch.global_batch_size"),
-    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "set zero.stage instead"),
-    ({"model": {"rotary_pct": 0.2, "hidden_size": 64, "n_heads": 4}}, "odd rotary dimension"),
-    ({"precision": "bf16", "parallel": {"pp": 2}, "model": {"n_layers": 4}}, "set zero.stage: 1"),
-])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"model": {"hidden_size": 100, "n_heads": 3}}, "model.hidden_size = 100 (set in"),
+        (
+            {"model": {"seq_length": 4096, "max_position_embeddings": 2048}},
+            "is above model.max_position_embeddings",
+        ),
+        (
+            {"zero": {"stage": 2}, "parallel": {"pp": 2}, "model": {"n_layers": 4}},
+            "cannot be combined with pipeline",
+        ),
+        (
+            {"zero": {"stage": 3}, "parallel": {"pp": 2}, "model": {"n_layers": 4}},
+            "Fix: use zero.stage 0 or 1",
+        ),
+        (
+            {"precision": {"dtype": "fp16"}, "deepspeed": {"bf16": {"enabled": True}}},
+            "fp16 and bf16 are never both on",
+        ),
+        (
+            {"model": {"hidden_size": 64, "n_heads": 4}, "parallel": {"tp": 3}},
+            "not divisible by parallel.tp = 3",
+        ),
+        ({"batch": {"micro_batch_size": 4, "grad_accum": 2, "global_batch_size": 9}}, "4 x 2 x 1 = 8, not"),
+        (
+            {"batch": {"micro_batch_size": 3, "global_batch_size": 10}},
+            "not divisible by micro_batch_size x dp",
+        ),
+        ({"schedule": {"iterations": 10, "warmup": 20}}, "schedule.warmup = 20"),
+        ({"zero": {"stage": 4}}, "zero.stage = 4"),
+        ({"zero": {"stage": 0, "offload_optimizer": "cpu"}}, "needs zero.stage >= 1"),
+        ({"data": {"train_paths": ["a", "b"], "train_weights": [1.0]}}, "one weight per path"),
+        ({"data": {"split": "90,x"}}, "data.split = '90,x'"),
+        ({"deepspeed": {"train_batch_size": 8}}, "derived by neo from batch.global_batch_size"),
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "set zero.stage instead"),
+        ({"model": {"rotary_pct": 0.2, "hidden_size": 64, "n_heads": 4}}, "odd rotary dimension"),
+        ({"precision": "bf16", "parallel": {"pp": 2}, "model": {"n_layers": 4}}, "set zero.stage: 1"),
+    ],
+)
 def test_impossible_combinations_name_key_file_and_fix(tmp_path, data, expected):
     world = data.get("parallel", {}).get("pp", 1)
     msg = problems(tmp_path, data, world_size=world)
@@ -104,31 +125,49 @@ def test_world_size_must_divide_by_tp_pp(tmp_path):
 
 
 def test_all_problems_reported_at_once(tmp_path):
-    msg = problems(tmp_path, {"model": {"hidden_size": 100, "n_heads": 3}, "zero": {"stage": 7},
-                              "optimizer": {"lr": -1.0}})
+    msg = problems(
+        tmp_path,
+        {"model": {"hidden_size": 100, "n_heads": 3}, "zero": {"stage": 7}, "optimizer": {"lr": -1.0}},
+    )
     assert "3 problems" in msg
 
 
-@pytest.mark.parametrize("batch, world, expected", [
-    ({"micro_batch_size": 4, "grad_accum": 2}, 2, (4, 2, 16)),
-    ({"micro_batch_size": 2, "global_batch_size": 16}, 2, (2, 4, 16)),
-    ({"grad_accum": 4, "global_batch_size": 16}, 2, (2, 4, 16)),
-    ({"global_batch_size": 8}, 4, (2, 1, 8)),
-    ({"micro_batch_size": 3}, 1, (3, 1, 3)),
-    ({}, 2, (4, 1, 8)),
-])
+@pytest.mark.parametrize(
+    "batch, world, expected",
+    [
+        ({"micro_batch_size": 4, "grad_accum": 2}, 2, (4, 2, 16)),
+        ({"micro_batch_size": 2, "global_batch_size": 16}, 2, (2, 4, 16)),
+        ({"grad_accum": 4, "global_batch_size": 16}, 2, (2, 4, 16)),
+        ({"global_batch_size": 8}, 4, (2, 1, 8)),
+        ({"micro_batch_size": 3}, 1, (3, 1, 3)),
+        ({}, 2, (4, 1, 8)),
+    ],
+)
 def test_batch_any_two_derive_the_third(tmp_path, batch, world, expected):
     cfg = load_config([write(tmp_path, "b.yml", {"batch": batch})], world_size=world)
     assert (cfg.batch.micro_batch_size, cfg.batch.grad_accum, cfg.batch.global_batch_size) == expected
     ds = deepspeed_config(cfg)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == expected
+    assert (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+    ) == expected
 
 
 def test_deepspeed_dict_derivation_and_passthrough(tmp_path):
-    path = write(tmp_path, "z.yml", {"zero": {"stage": 2, "offload_optimizer": "cpu"}, "precision": "fp16",
-                                     "optimizer": {"grad_clip": 0.5},
-                                     "deepspeed": {"flops_profiler": {"enabled": True},
-                                                   "zero_optimization": {"round_robin_gradients": True}}})
+    path = write(
+        tmp_path,
+        "z.yml",
+        {
+            "zero": {"stage": 2, "offload_optimizer": "cpu"},
+            "precision": "fp16",
+            "optimizer": {"grad_clip": 0.5},
+            "deepspeed": {
+                "flops_profiler": {"enabled": True},
+                "zero_optimization": {"round_robin_gradients": True},
+            },
+        },
+    )
     ds = deepspeed_config(load_config([path]))
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["round_robin_gradients"] is True
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -146,12 +185,28 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_explain_cli_prints_arithmetic_and_rejects_bad_config(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "neo.config", str(ROOT / "ds_configs" / "quickstart.yml"), "--explain",
-                         "--world-size", "2"], capture_output=True, text=True, cwd=ROOT)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "neo.config",
+            str(ROOT / "ds_configs" / "quickstart.yml"),
+            "--explain",
+            "--world-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "global_batch_size 32 = micro_batch_size 16 x grad_accum 1 x data-parallel 2" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "neo.config", write(tmp_path, "x.yml", {"model": {"n_layers": 0}})],
-                         capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run(
+        [sys.executable, "-m", "neo.config", write(tmp_path, "x.yml", {"model": {"n_layers": 0}})],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2 and "model.n_layers = 0" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -159,5 +214,7 @@ def test_readme_config_reference_is_generated_from_the_code():
     from neo.config import reference_markdown
 
     readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
+    block = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[
+        0
+    ]
     assert block == reference_markdown(), "README is stale: paste `python -m neo.config --reference` into it"

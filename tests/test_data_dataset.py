@@ -20,14 +20,25 @@ SEQ = 64
 def corpus(tmp_path_factory):
     """Three token files with disjoint document ids: a = 0..999, b = 1000..1399, c = 2000..2299."""
     root = tmp_path_factory.mktemp("tokens")
-    return {name: write_synthetic(root / name, synthetic_docs(n, seed=i, first=first))
-            for i, (name, n, first) in enumerate([("a", 1000, 0), ("b", 400, 1000), ("c", 300, 2000)])}
+    return {
+        name: write_synthetic(root / name, synthetic_docs(n, seed=i, first=first))
+        for i, (name, n, first) in enumerate([("a", 1000, 0), ("b", 400, 1000), ("c", 300, 2000)])
+    }
 
 
 def build(paths, tmp_path, n=2000, seed=1234, weights=None, split="969,30,1", **kw):
-    return build_datasets(train_paths=paths, train_weights=weights, valid_paths=kw.pop("valid", []),
-                          test_paths=kw.pop("test", []), split=split, seq_length=SEQ, seed=seed,
-                          num_samples={"train": n, "valid": 300, "test": 50}, cache_dir=str(tmp_path / "cache"), **kw)
+    return build_datasets(
+        train_paths=paths,
+        train_weights=weights,
+        valid_paths=kw.pop("valid", []),
+        test_paths=kw.pop("test", []),
+        split=split,
+        seq_length=SEQ,
+        seed=seed,
+        num_samples={"train": n, "valid": 300, "test": 50},
+        cache_dir=str(tmp_path / "cache"),
+        **kw,
+    )
 
 
 def stream(ds: GPTDataset) -> np.ndarray:
@@ -138,21 +149,30 @@ def samples_of(batch: torch.Tensor) -> list[tuple]:
 def test_micro_batches_dp_slices_are_disjoint_and_cover_the_batch(corpus, tmp_path):
     ds = build([corpus["a"]], tmp_path)["train"]
     G, micro, dp = 16, 2, 4
-    ranks = [micro_batches(ds, consumed_samples=0, global_batch_size=G, micro_batch_size=micro, dp_rank=r, dp_size=dp)
-             for r in range(dp)]
+    ranks = [
+        micro_batches(
+            ds, consumed_samples=0, global_batch_size=G, micro_batch_size=micro, dp_rank=r, dp_size=dp
+        )
+        for r in range(dp)
+    ]
     for step in range(3):
         got = [b for r in ranks for b in itertools.islice(r, G // (dp * micro))]
         assert all(b.shape == (micro, SEQ + 1) and b.dtype == torch.int64 for b in got)
         rows = [s for b in got for s in samples_of(b)]
         assert len(set(rows)) == G  # disjoint across ranks
-        assert rows == [tuple(ds[i].tolist()) for i in range(step * G, (step + 1) * G)]  # rank r: slice r, in order
+        assert rows == [
+            tuple(ds[i].tolist()) for i in range(step * G, (step + 1) * G)
+        ]  # rank r: slice r, in order
 
 
 def test_resume_equals_uninterrupted_run(corpus, tmp_path):
     G, micro, dp, k = 12, 3, 2, 5
     kw = dict(global_batch_size=G, micro_batch_size=micro, dp_size=dp)
     ds = build([corpus["a"], corpus["b"]], tmp_path, weights=[0.7, 0.3])["train"]
-    full = {r: list(itertools.islice(micro_batches(ds, consumed_samples=0, dp_rank=r, **kw), 2 * (k + 4))) for r in range(dp)}
+    full = {
+        r: list(itertools.islice(micro_batches(ds, consumed_samples=0, dp_rank=r, **kw), 2 * (k + 4)))
+        for r in range(dp)
+    }
     # "restart": rebuild everything from the cache, continue after k global batches
     ds2 = build([corpus["a"], corpus["b"]], tmp_path, weights=[0.7, 0.3])["train"]
     for r in range(dp):
@@ -163,7 +183,11 @@ def test_resume_equals_uninterrupted_run(corpus, tmp_path):
 def test_bad_batch_arithmetic_tokenizer_mismatch_and_tiny_split(corpus, tmp_path):
     ds = build([corpus["a"]], tmp_path)["train"]
     with pytest.raises(ValueError, match="not a multiple"):
-        next(micro_batches(ds, consumed_samples=0, global_batch_size=10, micro_batch_size=4, dp_rank=0, dp_size=1))
+        next(
+            micro_batches(
+                ds, consumed_samples=0, global_batch_size=10, micro_batch_size=4, dp_rank=0, dp_size=1
+            )
+        )
     with pytest.raises(DataError, match="tokenized with 'synthetic' but the run uses 'gpt2'"):
         build([corpus["a"]], tmp_path, tokenizer="gpt2")
     tiny = write_synthetic(tmp_path / "tiny", synthetic_docs(3, lo=1, hi=5))
@@ -182,8 +206,17 @@ def _rank_main(rank: int, world: int, store: str, prefix: str, cache: str, out) 
         D._sample_index = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rank 1 built an index"))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        ds = build_datasets(train_paths=[prefix], train_weights=None, valid_paths=[], test_paths=[], split="969,30,1",
-                            seq_length=SEQ, seed=5, num_samples={"train": 500, "valid": 50}, cache_dir=cache)
+        ds = build_datasets(
+            train_paths=[prefix],
+            train_weights=None,
+            valid_paths=[],
+            test_paths=[],
+            split="969,30,1",
+            seq_length=SEQ,
+            seed=5,
+            num_samples={"train": 500, "valid": 50},
+            cache_dir=cache,
+        )
         out.put((rank, [ds["train"][i].tolist() for i in range(0, 500, 25)]))
     except BaseException as e:  # report instead of hanging the other rank
         out.put((rank, repr(e)))
@@ -197,12 +230,19 @@ def test_index_built_by_rank0_under_torch_distributed(corpus, tmp_path):
 
     ctx = mp.get_context("fork")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "store"), corpus["a"], str(tmp_path / "c"), out))
-             for r in range(2)]
+    procs = [
+        ctx.Process(
+            target=_rank_main, args=(r, 2, str(tmp_path / "store"), corpus["a"], str(tmp_path / "c"), out)
+        )
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
     assert isinstance(results[0], list) and results[0] == results[1], results
-    assert sorted(p.name.split("-")[1] for p in (tmp_path / "c").iterdir() if p.is_dir()) == ["train", "valid"]
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "c").iterdir() if p.is_dir()) == [
+        "train",
+        "valid",
+    ]

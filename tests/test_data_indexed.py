@@ -30,7 +30,10 @@ def test_round_trip_exact(tmp_path, vocab, dtype):
 
 
 def test_writer_refuses_ids_outside_vocab(tmp_path):
-    with pytest.raises(DataError, match="vocab_size"), IndexedTokensWriter(tmp_path / "d", vocab_size=100) as w:
+    with (
+        pytest.raises(DataError, match="vocab_size"),
+        IndexedTokensWriter(tmp_path / "d", vocab_size=100) as w,
+    ):
         w.add_doc([5, 100])
     assert not list(tmp_path.iterdir())  # aborted: no final files, no temporaries
 

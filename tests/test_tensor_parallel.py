@@ -49,9 +49,9 @@ def _mappings(rank, world):
     xi = x.clone().requires_grad_()
     y = m.scatter_to_region(xi, group)
     cols = 8 // world
-    y.mul(w[rank][:, rank * cols:(rank + 1) * cols]).sum().backward()
-    errors["scatter_fwd"] = rel(y, x[:, rank * cols:(rank + 1) * cols])
-    expected = torch.cat([w[r][:, r * cols:(r + 1) * cols] for r in range(world)], dim=1)
+    y.mul(w[rank][:, rank * cols : (rank + 1) * cols]).sum().backward()
+    errors["scatter_fwd"] = rel(y, x[:, rank * cols : (rank + 1) * cols])
+    expected = torch.cat([w[r][:, r * cols : (r + 1) * cols] for r in range(world)], dim=1)
     errors["scatter_bwd"] = rel(xi.grad, expected)
 
     # gather: forward concatenates the ranks' chunks, backward keeps this rank's slice of the gradient
@@ -59,7 +59,7 @@ def _mappings(rank, world):
     y = m.gather_from_region(part, group)
     (y * w[0]).sum().backward()
     errors["gather_fwd"] = rel(y, torch.cat([x[:, :cols] + r for r in range(world)], dim=1))
-    errors["gather_bwd"] = rel(part.grad, w[0][:, rank * cols:(rank + 1) * cols])
+    errors["gather_bwd"] = rel(part.grad, w[0][:, rank * cols : (rank + 1) * cols])
     return errors
 
 
@@ -154,9 +154,16 @@ def _model(rank, world, shape, remove_collective=False):
         chunks = [torch.empty_like(part(ids)) for _ in range(world)]
         dist.all_gather(chunks, part(ids))
         logits_err = rel(torch.cat(chunks, -1), full(ids))
-    grad_err = {n: rel(p.grad, _slice(full, n, p, world, rank, grad=True)) for n, p in part.named_parameters()}
-    return {"init": init, "logits": logits_err, "loss": rel(loss.detach(), full(ids, labels).detach()),
-            "grad": max(grad_err.values()), "worst_grad": max(grad_err, key=grad_err.get)}
+    grad_err = {
+        n: rel(p.grad, _slice(full, n, p, world, rank, grad=True)) for n, p in part.named_parameters()
+    }
+    return {
+        "init": init,
+        "logits": logits_err,
+        "loss": rel(loss.detach(), full(ids, labels).detach()),
+        "grad": max(grad_err.values()),
+        "worst_grad": max(grad_err, key=grad_err.get),
+    }
 
 
 def _slice(full: GPT, name: str, p: torch.Tensor, world: int, rank: int, grad: bool = False) -> torch.Tensor:
@@ -169,10 +176,21 @@ def _slice(full: GPT, name: str, p: torch.Tensor, world: int, rank: int, grad: b
 MODEL_SHAPES = [  # loss_chunk_size: the fused head + loss over 7 chunks (5 tokens, a remainder), or unfused (0)
     dict(parallel_residual=True, rotary_pct=0.25, tie_embeddings=False, loss_chunk_size=5),
     dict(parallel_residual=False, rotary_pct=1.0, tie_embeddings=True, loss_chunk_size=0),
-    dict(parallel_residual=True, rotary_pct=0.5, tie_embeddings=False, norm="rmsnorm", activation="swiglu",
-         position_embedding="rotary"),
-    dict(parallel_residual=True, rotary_pct=0.25, position_embedding="learned", tie_embeddings=True,
-         loss_chunk_size=5),
+    dict(
+        parallel_residual=True,
+        rotary_pct=0.5,
+        tie_embeddings=False,
+        norm="rmsnorm",
+        activation="swiglu",
+        position_embedding="rotary",
+    ),
+    dict(
+        parallel_residual=True,
+        rotary_pct=0.25,
+        position_embedding="learned",
+        tie_embeddings=True,
+        loss_chunk_size=5,
+    ),
 ]
 
 
@@ -196,8 +214,15 @@ def test_negative_control_without_the_backward_all_reduce_gradients_differ():
 
 STEPS = 10
 # vocab_size fixed so that tp = 1, 2 and 4 build the same model (the automatic padding grows with tp)
-TRAIN = (f"schedule.iterations={STEPS}", "schedule.warmup=2", "optimizer.lr=3e-3", "eval.interval=5",
-         "eval.iters=2", "logging.interval=5", "model.vocab_size=50432")
+TRAIN = (
+    f"schedule.iterations={STEPS}",
+    "schedule.warmup=2",
+    "optimizer.lr=3e-3",
+    "eval.interval=5",
+    "eval.iters=2",
+    "logging.interval=5",
+    "model.vocab_size=50432",
+)
 
 
 def rel_curve(a: list[float], b: list[float]) -> float:
@@ -209,8 +234,13 @@ def rel_curve(a: list[float], b: list[float]) -> float:
 def tp_reference(sample_tokens, tmp_path_factory):
     from conftest import run_training
 
-    return run_training(tmp_path_factory.mktemp("tp_ref"), f"data.train_paths=[{sample_tokens}]", *TRAIN,
-                        "batch.global_batch_size=8", "batch.micro_batch_size=4")
+    return run_training(
+        tmp_path_factory.mktemp("tp_ref"),
+        f"data.train_paths=[{sample_tokens}]",
+        *TRAIN,
+        "batch.global_batch_size=8",
+        "batch.micro_batch_size=4",
+    )
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
@@ -218,8 +248,16 @@ def test_tp2_training_equals_single_process(tp_reference, sample_tokens, tmp_pat
     """tp = 2 on 2 processes gives the tp = 1 loss curve (fp32, 1e-4 relative), with each ZeRO stage."""
     from conftest import run_training
 
-    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *TRAIN, "parallel.tp=2",
-                       f"zero.stage={zero}", "batch.global_batch_size=8", "batch.micro_batch_size=4", nproc=2)
+    run = run_training(
+        tmp_path,
+        f"data.train_paths=[{sample_tokens}]",
+        *TRAIN,
+        "parallel.tp=2",
+        f"zero.stage={zero}",
+        "batch.global_batch_size=8",
+        "batch.micro_batch_size=4",
+        nproc=2,
+    )
     assert "dp 1 x tp 2" in run.output
     assert rel_curve(run.losses, tp_reference.losses) <= 1e-4
     assert rel_curve(run.valid_losses, tp_reference.valid_losses) <= 1e-4
@@ -229,8 +267,15 @@ def test_tp2_dp2_equals_single_process(tp_reference, sample_tokens, tmp_path):
     """4 processes, tp = 2 x dp = 2 with ZeRO-1, train the single-process curve (the same global batch of 8)."""
     from conftest import run_training
 
-    tp2dp2 = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *TRAIN, "zero.stage=1",
-                          "batch.global_batch_size=8", "parallel.tp=2", nproc=4)
+    tp2dp2 = run_training(
+        tmp_path,
+        f"data.train_paths=[{sample_tokens}]",
+        *TRAIN,
+        "zero.stage=1",
+        "batch.global_batch_size=8",
+        "parallel.tp=2",
+        nproc=4,
+    )
     assert "dp 2 x tp 2" in tp2dp2.output
     assert rel_curve(tp2dp2.losses, tp_reference.losses) <= 1e-4
     assert rel_curve(tp2dp2.valid_losses, tp_reference.valid_losses) <= 1e-4
@@ -240,9 +285,18 @@ def test_tp2_bf16_close_to_fp32(tp_reference, sample_tokens, tmp_path):
     """bf16 with tp = 2 follows the fp32 curve within 2% (bf16 keeps 8 mantissa bits)."""
     from conftest import BF16_FIRST_STEPS, run_training
 
-    run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *TRAIN, "parallel.tp=2", "zero.stage=1",
-                       "precision.dtype=bf16", "batch.global_batch_size=8", "batch.micro_batch_size=4",
-                       *BF16_FIRST_STEPS, nproc=2)
+    run = run_training(
+        tmp_path,
+        f"data.train_paths=[{sample_tokens}]",
+        *TRAIN,
+        "parallel.tp=2",
+        "zero.stage=1",
+        "precision.dtype=bf16",
+        "batch.global_batch_size=8",
+        "batch.micro_batch_size=4",
+        *BF16_FIRST_STEPS,
+        nproc=2,
+    )
     assert len(run.losses) == 5 and rel_curve(run.losses, tp_reference.losses[:5]) <= 0.02
 
 

@@ -112,11 +112,17 @@ def chapters(lines: list[str]) -> list[str]:
 def main(data_dir: str, out: str = str(Path(__file__).with_name("austen.jsonl.gz"))) -> None:
     novels = read_lazyload_db(Path(data_dir))
     n = 0
-    with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0, filename="") as f:
+    with (
+        open(out, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0, filename="") as f,
+    ):
         for key, title in TITLES.items():
             lines = [line or "" for line in novels[key]]
             for i, text in enumerate(chapters(lines), 1):
-                f.write(json.dumps({"title": title, "chapter": i, "text": text}, ensure_ascii=False).encode() + b"\n")
+                f.write(
+                    json.dumps({"title": title, "chapter": i, "text": text}, ensure_ascii=False).encode()
+                    + b"\n"
+                )
                 n += 1
     print(f"wrote {n} chapters of {len(TITLES)} novels to {out}")
 

@@ -53,8 +53,10 @@ def cached_arrays(folder: Path, build: Callable[[], dict[str, np.ndarray]]) -> d
             folder.parent.mkdir(parents=True, exist_ok=True)
             lock = open(folder.parent / ".lock", "a")
         except OSError as e:
-            raise DataError(f"cannot write the index cache in {folder.parent} ({e.strerror}); "
-                            "set cache_dir to a writable directory") from None
+            raise DataError(
+                f"cannot write the index cache in {folder.parent} ({e.strerror}); "
+                "set cache_dir to a writable directory"
+            ) from None
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if not folder.is_dir():
@@ -72,13 +74,17 @@ def cached_arrays(folder: Path, build: Callable[[], dict[str, np.ndarray]]) -> d
     if dist is not None:
         dist.barrier()
     if not folder.is_dir():
-        raise DataError(f"{folder}: index cache missing after the build barrier; is cache_dir on a filesystem "
-                        "that all ranks of this node see?")
+        raise DataError(
+            f"{folder}: index cache missing after the build barrier; is cache_dir on a filesystem "
+            "that all ranks of this node see?"
+        )
     return {p.stem: np.load(p, mmap_mode="r") for p in sorted(folder.glob("*.npy"))}
 
 
 def _key(**fields) -> str:
-    return hashlib.sha256(json.dumps({"v": INDEX_VERSION, **fields}, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps({"v": INDEX_VERSION, **fields}, sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
 
 
 # ------------------------------------------------------------------------------------- datasets
@@ -107,18 +113,36 @@ def _sample_index(lengths: np.ndarray, seq_length: int, seed: int, num_samples: 
 class GPTDataset(torch.utils.data.Dataset):
     """Samples of seq_length + 1 tokens from documents [lo, hi) of one token file; len >= num_samples."""
 
-    def __init__(self, data: IndexedTokens, lo: int, hi: int, *, seq_length: int, seed: int, num_samples: int,
-                 cache_dir: str | None = None, split: str = "train"):
+    def __init__(
+        self,
+        data: IndexedTokens,
+        lo: int,
+        hi: int,
+        *,
+        seq_length: int,
+        seed: int,
+        num_samples: int,
+        cache_dir: str | None = None,
+        split: str = "train",
+    ):
         self.data, self.lo, self.seq_length = data, lo, seq_length
         lengths = data.doc_lengths[lo:hi]
         if int(lengths.sum()) < seq_length + 1:
-            raise DataError(f"{data.prefix}: the {split} split (documents {lo}..{hi}) has {int(lengths.sum())} tokens, "
-                            f"fewer than one sample of {seq_length + 1}; use more data, another split or shorter seq_length")
+            raise DataError(
+                f"{data.prefix}: the {split} split (documents {lo}..{hi}) has {int(lengths.sum())} tokens, "
+                f"fewer than one sample of {seq_length + 1}; use more data, another split or shorter seq_length"
+            )
         root = Path(cache_dir) if cache_dir else Path(f"{data.prefix}.cache")
         key = _key(run=data.meta["run_id"], lo=lo, hi=hi, seq=seq_length, seed=seed, n=num_samples)
-        self.index = cached_arrays(root / f"{Path(data.prefix).name}-{split}-{key}",
-                                   lambda: _sample_index(lengths, seq_length, seed, num_samples))
-        self.doc_idx, self.starts, self.order = self.index["doc_idx"], self.index["starts"], self.index["order"]
+        self.index = cached_arrays(
+            root / f"{Path(data.prefix).name}-{split}-{key}",
+            lambda: _sample_index(lengths, seq_length, seed, num_samples),
+        )
+        self.doc_idx, self.starts, self.order = (
+            self.index["doc_idx"],
+            self.index["starts"],
+            self.index["order"],
+        )
 
     def __len__(self) -> int:
         return len(self.order)
@@ -172,7 +196,9 @@ def split_ranges(split: str, num_docs: int) -> dict[str, tuple[int, int]]:
         ratios = [float(x) for x in split.replace("/", ",").split(",")]
         assert 1 <= len(ratios) <= 3 and all(r >= 0 for r in ratios) and sum(ratios) > 0
     except (ValueError, AssertionError):
-        raise DataError(f"split {split!r}: expected up to three non-negative numbers like '969,30,1'") from None
+        raise DataError(
+            f"split {split!r}: expected up to three non-negative numbers like '969,30,1'"
+        ) from None
     ratios = np.array(ratios + [0.0] * (3 - len(ratios))) / sum(ratios)
     counts = np.diff(np.round(np.concatenate([[0], np.cumsum(ratios)]) * num_docs)).astype(int)
     for i in np.flatnonzero((ratios > 0) & (counts == 0)):
@@ -183,10 +209,19 @@ def split_ranges(split: str, num_docs: int) -> dict[str, tuple[int, int]]:
     return {s: (int(e - c), int(e)) for s, c, e in zip(SPLITS, counts, ends)}
 
 
-def build_datasets(*, train_paths: list[str], train_weights: list[float] | None, valid_paths: list[str],
-                   test_paths: list[str], split: str, seq_length: int, seed: int, num_samples: dict[str, int],
-                   cache_dir: str | None = None, tokenizer: str | None = None
-                   ) -> dict[str, torch.utils.data.Dataset | None]:
+def build_datasets(
+    *,
+    train_paths: list[str],
+    train_weights: list[float] | None,
+    valid_paths: list[str],
+    test_paths: list[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    num_samples: dict[str, int],
+    cache_dir: str | None = None,
+    tokenizer: str | None = None,
+) -> dict[str, torch.utils.data.Dataset | None]:
     """Datasets for 'train', 'valid', 'test' (None where a split has no data or no samples are asked for).
 
     Paths are prefixes (without .bin/.idx). With no valid/test paths, each train file's documents are
@@ -196,21 +231,30 @@ def build_datasets(*, train_paths: list[str], train_weights: list[float] | None,
     """
     if not train_paths:
         raise DataError("no train data paths given")
-    if train_weights is not None and (len(train_weights) != len(train_paths) or min(train_weights) < 0
-                                      or sum(train_weights) <= 0):
-        raise DataError(f"train_weights {train_weights} must be {len(train_paths)} non-negative numbers, not all 0")
+    if train_weights is not None and (
+        len(train_weights) != len(train_paths) or min(train_weights) < 0 or sum(train_weights) <= 0
+    ):
+        raise DataError(
+            f"train_weights {train_weights} must be {len(train_paths)} non-negative numbers, not all 0"
+        )
     readers = {p: IndexedTokens(p) for p in [*train_paths, *valid_paths, *test_paths]}
     names = {r.tokenizer for r in readers.values()}
     if len(names) > 1:
-        raise DataError(f"data files were made with different tokenizers ({', '.join(sorted(names))}); "
-                        "preprocess them all with the same --tokenizer")
+        raise DataError(
+            f"data files were made with different tokenizers ({', '.join(sorted(names))}); "
+            "preprocess them all with the same --tokenizer"
+        )
     if tokenizer is not None and names != {tokenizer} and names | {tokenizer} != {"gpt2", "r50k_base"}:
-        raise DataError(f"the data was tokenized with {names.pop()!r} but the run uses {tokenizer!r}; "
-                        "preprocess again with --tokenizer matching data.tokenizer (or change data.tokenizer)")
+        raise DataError(
+            f"the data was tokenized with {names.pop()!r} but the run uses {tokenizer!r}; "
+            "preprocess again with --tokenizer matching data.tokenizer (or change data.tokenizer)"
+        )
     if valid_paths or test_paths:
-        parts = {"train": [(p, 0, len(readers[p])) for p in train_paths],
-                 "valid": [(p, 0, len(readers[p])) for p in valid_paths],
-                 "test": [(p, 0, len(readers[p])) for p in test_paths]}
+        parts = {
+            "train": [(p, 0, len(readers[p])) for p in train_paths],
+            "valid": [(p, 0, len(readers[p])) for p in valid_paths],
+            "test": [(p, 0, len(readers[p])) for p in test_paths],
+        }
     else:
         ranges = {p: split_ranges(split, len(readers[p])) for p in train_paths}
         parts = {s: [(p, *ranges[p][s]) for p in train_paths] for s in SPLITS}
@@ -227,25 +271,59 @@ def build_datasets(*, train_paths: list[str], train_weights: list[float] | None,
             continue
         if len(live) == 1:
             (p, lo, hi), _ = live[0]
-            out[s] = GPTDataset(readers[p], lo, hi, seq_length=seq_length, seed=seed, num_samples=n,
-                                cache_dir=cache_dir, split=s)
+            out[s] = GPTDataset(
+                readers[p],
+                lo,
+                hi,
+                seq_length=seq_length,
+                seed=seed,
+                num_samples=n,
+                cache_dir=cache_dir,
+                split=s,
+            )
             continue
         root = Path(cache_dir) if cache_dir else Path(f"{live[0][0][0]}.cache")
-        key = _key(parts=[(readers[p].meta["run_id"], lo, hi) for (p, lo, hi), _ in live],
-                   w=[w for _, w in live], n=n, seq=seq_length, seed=seed)
-        blend = cached_arrays(root / f"blend-{s}-{key}",
-                              lambda live=live, n=n: dict(zip(("which", "nth"), blend_index([w for _, w in live], n))))
+        key = _key(
+            parts=[(readers[p].meta["run_id"], lo, hi) for (p, lo, hi), _ in live],
+            w=[w for _, w in live],
+            n=n,
+            seq=seq_length,
+            seed=seed,
+        )
+        blend = cached_arrays(
+            root / f"blend-{s}-{key}",
+            lambda live=live, n=n: dict(zip(("which", "nth"), blend_index([w for _, w in live], n))),
+        )
         which, nth = blend["which"], blend["nth"]
         counts = np.bincount(which, minlength=len(live))
-        datasets = [GPTDataset(readers[p], lo, hi, seq_length=seq_length, seed=seed + i, num_samples=int(c),
-                               cache_dir=cache_dir, split=s) if c else None
-                    for i, (((p, lo, hi), _), c) in enumerate(zip(live, counts))]
+        datasets = [
+            GPTDataset(
+                readers[p],
+                lo,
+                hi,
+                seq_length=seq_length,
+                seed=seed + i,
+                num_samples=int(c),
+                cache_dir=cache_dir,
+                split=s,
+            )
+            if c
+            else None
+            for i, (((p, lo, hi), _), c) in enumerate(zip(live, counts))
+        ]
         out[s] = BlendedDataset(datasets, which, nth)
     return out
 
 
-def micro_batches(dataset, *, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int) -> Iterator[torch.Tensor]:
+def micro_batches(
+    dataset,
+    *,
+    consumed_samples: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+) -> Iterator[torch.Tensor]:
     """Endless [micro_batch_size, seq_length + 1] LongTensors for this data-parallel rank.
 
     Global batch k covers samples [c, c + G) with c = consumed_samples + k * G; rank r takes the
@@ -253,8 +331,10 @@ def micro_batches(dataset, *, consumed_samples: int, global_batch_size: int, mic
     past len(dataset) wrap around (a run longer than planned sees the data again).
     """
     if global_batch_size % (micro_batch_size * dp_size):
-        raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of "
-                         f"micro_batch_size {micro_batch_size} x dp_size {dp_size}")
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not a multiple of "
+            f"micro_batch_size {micro_batch_size} x dp_size {dp_size}"
+        )
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
     per_rank, n = global_batch_size // dp_size, len(dataset)

@@ -83,8 +83,13 @@ class IndexedTokensWriter:
         self.add(np.asarray(ids, dtype=np.int64), np.array([len(ids)]))
 
     def close(self) -> None:
-        header = {"dtype": self.dtype.name, "num_docs": self.num_docs, "num_tokens": self.num_tokens,
-                  "run_id": self.run_id.hex(), **self.meta}
+        header = {
+            "dtype": self.dtype.name,
+            "num_docs": self.num_docs,
+            "num_tokens": self.num_tokens,
+            "run_id": self.run_id.hex(),
+            **self.meta,
+        }
         blob = json.dumps(header).encode()
         if len(blob) > IDX_HEADER - 16:
             raise DataError(f"tokenizer name too long for the .idx header: {self.meta['tokenizer'][:80]}...")
@@ -120,7 +125,9 @@ class IndexedTokens:
         idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
         for p in (idx_path, bin_path):
             if not p.is_file():
-                raise DataError(f"{p}: no such file; run `python launch/preprocess.py ... --output {prefix}` first")
+                raise DataError(
+                    f"{p}: no such file; run `python launch/preprocess.py ... --output {prefix}` first"
+                )
         meta = self._read_idx_header(idx_path)
         self.meta = meta
         self.dtype = np.dtype(DTYPES[meta["dtype"]])
@@ -128,14 +135,23 @@ class IndexedTokens:
         self.tokenizer, self.eod_id, self.vocab_size = meta["tokenizer"], meta["eod_id"], meta["vocab_size"]
         want = IDX_HEADER + 8 * (self.num_docs + 1)
         if idx_path.stat().st_size != want:
-            raise DataError(f"{idx_path}: truncated or corrupt ({idx_path.stat().st_size} bytes, header says {want}); "
-                            "re-run preprocessing")
+            raise DataError(
+                f"{idx_path}: truncated or corrupt ({idx_path.stat().st_size} bytes, header says {want}); "
+                "re-run preprocessing"
+            )
         self.offsets = np.memmap(idx_path, np.uint64, "r", IDX_HEADER, (self.num_docs + 1,))
-        if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens or np.any(np.diff(self.offsets) > 1 << 62):
+        if (
+            self.offsets[0] != 0
+            or self.offsets[-1] != self.num_tokens
+            or np.any(np.diff(self.offsets) > 1 << 62)
+        ):
             raise DataError(f"{idx_path}: document offsets are corrupt; re-run preprocessing")
         self._check_bin(bin_path, meta["run_id"])
-        self.tokens = (np.memmap(bin_path, self.dtype, "r", BIN_HEADER, (self.num_tokens,))
-                       if self.num_tokens else np.zeros(0, self.dtype))
+        self.tokens = (
+            np.memmap(bin_path, self.dtype, "r", BIN_HEADER, (self.num_tokens,))
+            if self.num_tokens
+            else np.zeros(0, self.dtype)
+        )
 
     @staticmethod
     def _read_idx_header(path: Path) -> dict:
@@ -145,11 +161,17 @@ class IndexedTokens:
             raise DataError(f"{path}: truncated ({len(head)} bytes); re-run preprocessing")
         magic, version, n = struct.unpack_from("<8sII", head)
         if magic != IDX_MAGIC:
-            hint = " (a Megatron/GPT-NeoX index: re-run neo's preprocessing)" if magic.startswith(b"MMIDIDX") else ""
+            hint = (
+                " (a Megatron/GPT-NeoX index: re-run neo's preprocessing)"
+                if magic.startswith(b"MMIDIDX")
+                else ""
+            )
             raise DataError(f"{path}: not a neo .idx file{hint}")
         if version != VERSION:
-            raise DataError(f"{path}: format version {version}, this neo reads version {VERSION}; "
-                            "re-run preprocessing with this version of neo")
+            raise DataError(
+                f"{path}: format version {version}, this neo reads version {VERSION}; "
+                "re-run preprocessing with this version of neo"
+            )
         try:
             meta = json.loads(head[16 : 16 + n])
             assert meta["dtype"] in DTYPES and int(meta["num_docs"]) >= 0 and int(meta["num_tokens"]) >= 0
@@ -164,14 +186,20 @@ class IndexedTokens:
             raise DataError(f"{path}: not a neo .bin file (or truncated); re-run preprocessing")
         version, rid = struct.unpack_from("<I4x16s", head, 8)
         if version != VERSION:
-            raise DataError(f"{path}: format version {version}, this neo reads version {VERSION}; re-run preprocessing")
+            raise DataError(
+                f"{path}: format version {version}, this neo reads version {VERSION}; re-run preprocessing"
+            )
         if rid.hex() != run_id:
-            raise DataError(f"{path} and {self.prefix}.idx come from different preprocessing runs (mismatched pair); "
-                            "re-run preprocessing to write both")
+            raise DataError(
+                f"{path} and {self.prefix}.idx come from different preprocessing runs (mismatched pair); "
+                "re-run preprocessing to write both"
+            )
         want = BIN_HEADER + self.num_tokens * self.dtype.itemsize
         if (size := path.stat().st_size) != want:
-            raise DataError(f"{path}: {size} bytes but its .idx describes {want} (truncated or corrupt); "
-                            "re-run preprocessing")
+            raise DataError(
+                f"{path}: {size} bytes but its .idx describes {want} (truncated or corrupt); "
+                "re-run preprocessing"
+            )
 
     def __len__(self) -> int:
         return self.num_docs
@@ -184,5 +212,7 @@ class IndexedTokens:
         return np.diff(self.offsets).astype(np.int64)
 
     def __repr__(self) -> str:
-        return (f"IndexedTokens({self.prefix!r}: {self.num_docs} docs, {self.num_tokens} tokens, {self.dtype.name}, "
-                f"tokenizer={self.tokenizer!r})")
+        return (
+            f"IndexedTokens({self.prefix!r}: {self.num_docs} docs, {self.num_tokens} tokens, {self.dtype.name}, "
+            f"tokenizer={self.tokenizer!r})"
+        )

@@ -38,8 +38,18 @@ from .tokenizer import NAMES, TokenizerError, load_tokenizer
 
 CHUNK_BYTES = 1 << 19
 OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".text": "text", ".md": "text",
-         ".parquet": "parquet", ".csv": "hf", ".tsv": "hf", ".arrow": "hf"}
+KINDS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".parquet": "parquet",
+    ".csv": "hf",
+    ".tsv": "hf",
+    ".arrow": "hf",
+}
 FIXES = {
     "invalid UTF-8": "re-encode the file as UTF-8",
     "not JSON": "each line must hold one JSON object",
@@ -106,23 +116,34 @@ def resolve_inputs(inputs: list[str], fmt: str = "auto") -> list[Source]:
             if fmt == "hf" or _is_saved_dataset(path):
                 sources.append(Source(str(path), "hf"))
                 continue
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and (fmt != "auto" or _kind_of(p)))
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not p.name.startswith(".") and (fmt != "auto" or _kind_of(p))
+            )
             if not files:
-                raise DataError(f"{path}: no .jsonl/.txt/.parquet files in this directory "
-                                "(pass --format to read other names, or --format hf to use datasets.load_dataset)")
+                raise DataError(
+                    f"{path}: no .jsonl/.txt/.parquet files in this directory "
+                    "(pass --format to read other names, or --format hf to use datasets.load_dataset)"
+                )
         elif path.exists():  # a file, or a pipe such as /dev/stdin
             files = [path]
         elif any(c in spec for c in "*?["):
-            files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+            files = sorted(
+                Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()
+            )
             if not files:
                 raise DataError(f"{spec}: no files match this pattern")
         else:
-            raise DataError(f"{spec}: no such file or directory (for a Hugging Face hub dataset write hf:NAME)")
+            raise DataError(
+                f"{spec}: no such file or directory (for a Hugging Face hub dataset write hf:NAME)"
+            )
         for f in files:
             kind = fmt if fmt != "auto" else _kind_of(f)
             if kind is None:
-                raise DataError(f"{f}: unknown input type {''.join(f.suffixes)!r}; pass --format jsonl|text|parquet|hf")
+                raise DataError(
+                    f"{f}: unknown input type {''.join(f.suffixes)!r}; pass --format jsonl|text|parquet|hf"
+                )
             sources.append(Source(str(f), kind, f.stat().st_size if f.is_file() else None))
     return sources
 
@@ -182,7 +203,9 @@ def _read_parquet(path: str, key: str) -> Iterator[tuple[int, object, int]]:
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
     if key not in names:
-        raise DataError(f"{path}: no column {key!r} (columns: {', '.join(names)}); choose one with --text-key")
+        raise DataError(
+            f"{path}: no column {key!r} (columns: {', '.join(names)}); choose one with --text-key"
+        )
     row, total, size = 0, max(pf.metadata.num_rows, 1), os.path.getsize(path)
     for batch in pf.iter_batches(batch_size=1024, columns=[key]):
         for value in batch.column(0).to_pylist():
@@ -195,14 +218,21 @@ def _read_hf(src: Source, key: str, split: str, config: str | None) -> Iterator[
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{src.path}: reading it needs the `datasets` package: pip install datasets") from None
+        raise DataError(
+            f"{src.path}: reading it needs the `datasets` package: pip install datasets"
+        ) from None
     path = Path(src.path)
     try:
         if path.is_dir() and _is_saved_dataset(path):
             ds = datasets.load_from_disk(str(path))
         elif path.is_file():
-            builder = {".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".parquet": "parquet", ".txt": "text"}.get(
-                path.suffix, "json")
+            builder = {
+                ".csv": "csv",
+                ".tsv": "csv",
+                ".arrow": "arrow",
+                ".parquet": "parquet",
+                ".txt": "text",
+            }.get(path.suffix, "json")
             kw = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kw)
         else:
@@ -214,11 +244,15 @@ def _read_hf(src: Source, key: str, split: str, config: str | None) -> Iterator[
         raise DataError(f"{src.path}: datasets could not load it: {type(e).__name__}: {e}{hint}") from None
     if isinstance(ds, dict):  # a saved DatasetDict
         if split not in ds:
-            raise DataError(f"{src.path}: no split {split!r} (splits: {', '.join(ds)}); choose one with --split")
+            raise DataError(
+                f"{src.path}: no split {split!r} (splits: {', '.join(ds)}); choose one with --split"
+            )
         ds = ds[split]
     cols = ds.column_names
     if cols is not None and key not in cols:
-        raise DataError(f"{src.path}: no column {key!r} (columns: {', '.join(cols)}); choose one with --text-key")
+        raise DataError(
+            f"{src.path}: no column {key!r} (columns: {', '.join(cols)}); choose one with --text-key"
+        )
     if isinstance(ds, datasets.Dataset):
         rows = (v for batch in ds.select_columns([key]).iter(batch_size=1000) for v in batch[key])
     else:
@@ -227,7 +261,9 @@ def _read_hf(src: Source, key: str, split: str, config: str | None) -> Iterator[
         yield n, value, 0
 
 
-def _chunks(sources: list[Source], key: str, text_mode: str, split: str, config: str | None) -> Iterator[Chunk]:
+def _chunks(
+    sources: list[Source], key: str, text_mode: str, split: str, config: str | None
+) -> Iterator[Chunk]:
     base = 0
     for src in sources:
         if src.kind == "jsonl":
@@ -308,7 +344,10 @@ def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list, Chunk]:
     parts, lengths, problems = [], [], list(chunk.problems)
     items, kind = chunk.items, chunk.kind
     if kind == "json-block":  # [(first line number, block of lines)] -> the non-blank lines
-        items, kind = [(n + i, x) for n, block in items for i, x in enumerate(block.split(b"\n")) if x.strip()], "json"
+        items, kind = (
+            [(n + i, x) for n, block in items for i, x in enumerate(block.split(b"\n")) if x.strip()],
+            "json",
+        )
     for n, payload in items:
         text, problem = _text_of(kind, payload, key)
         if problem:
@@ -378,8 +417,10 @@ class Progress:
             head = f"[{'#' * int(20 * frac):.<20}] {frac:4.0%} | "
             if frac > 0:
                 eta = f" | ETA {time.strftime('%H:%M:%S', time.gmtime(dt * (1 - frac) / frac))}"
-        return (f"{head}{s.docs:,} docs, {_si(s.bytes, 'B')}, {_si(s.tokens, 'tokens')} | "
-                f"{_si(s.docs / dt, 'docs/s')}, {_si(s.bytes / dt, 'B/s')}, {_si(s.tokens / dt, 'tokens/s')}{eta}")
+        return (
+            f"{head}{s.docs:,} docs, {_si(s.bytes, 'B')}, {_si(s.tokens, 'tokens')} | "
+            f"{_si(s.docs / dt, 'docs/s')}, {_si(s.bytes / dt, 'B/s')}, {_si(s.tokens / dt, 'tokens/s')}{eta}"
+        )
 
     def update(self, s: Stats, pos: int, final: bool = False) -> None:
         now = time.perf_counter()
@@ -416,8 +457,10 @@ def preprocess(
     """Tokenize `inputs` into `<output>.bin` + `<output>.idx`; returns the counts. Raises DataError on
     unusable input (and, with strict=True, on the first bad line); nothing is published then."""
     if output.endswith(("/", os.sep)) or Path(output).is_dir():
-        raise DataError(f"--output {output} is a directory; give a prefix such as {Path(output) / 'corpus'} "
-                        "(writes corpus.bin and corpus.idx)")
+        raise DataError(
+            f"--output {output} is a directory; give a prefix such as {Path(output) / 'corpus'} "
+            "(writes corpus.bin and corpus.idx)"
+        )
     sources = resolve_inputs(inputs, fmt)
     tok = load_tokenizer(tokenizer)
     if not workers:
@@ -430,10 +473,17 @@ def preprocess(
     with writer as out, closing(_results(chunks, workers, (tokenizer, text_key))) as results:
         for tokens, lengths, problems, chunk in results:
             for n, kind, detail in problems:
-                where = chunk.source if n == 0 else f"{chunk.source}:{n}" if chunk.unit == "line" else \
-                    f"{chunk.source} row {n}"
+                where = (
+                    chunk.source
+                    if n == 0
+                    else f"{chunk.source}:{n}"
+                    if chunk.unit == "line"
+                    else f"{chunk.source} row {n}"
+                )
                 if strict:
-                    raise DataError(f"{where}: {kind}: {detail}. Fix: {FIXES[kind]}, or drop --strict to skip it")
+                    raise DataError(
+                        f"{where}: {kind}: {detail}. Fix: {FIXES[kind]}, or drop --strict to skip it"
+                    )
                 stats.skipped[kind] += 1
                 if shown < MAX_SHOWN:
                     progress.message(f"warning: {where}: {kind}: {detail}; skipped")
@@ -475,20 +525,36 @@ example:
     )
     p.add_argument("inputs", nargs="+", help="files, directories, glob patterns or hf:NAME")
     p.add_argument("--output", "-o", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help=f"{' | '.join(NAMES)} | path to a .tiktoken file | dir with encoder.json + vocab.bpe "
-                   "(default: gpt2)")
+    p.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help=f"{' | '.join(NAMES)} | path to a .tiktoken file | dir with encoder.json + vocab.bpe "
+        "(default: gpt2)",
+    )
     p.add_argument("--text-key", default="text", help="JSON key / column holding the text (default: text)")
-    p.add_argument("--format", dest="fmt", default="auto", choices=["auto", "jsonl", "text", "parquet", "hf"],
-                   help="input type, when the file extension does not say (default: auto)")
-    p.add_argument("--text-mode", default="file", choices=["file", "paragraph"],
-                   help="plain text: one document per file, or per blank-line-separated paragraph (default: file)")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        default="auto",
+        choices=["auto", "jsonl", "text", "parquet", "hf"],
+        help="input type, when the file extension does not say (default: auto)",
+    )
+    p.add_argument(
+        "--text-mode",
+        default="file",
+        choices=["file", "paragraph"],
+        help="plain text: one document per file, or per blank-line-separated paragraph (default: file)",
+    )
     p.add_argument("--split", default="train", help="split of a dataset dict or hub dataset (default: train)")
     p.add_argument("--hf-config", default=None, help="configuration name of a hub dataset")
     p.add_argument("--workers", "-j", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
-    p.add_argument("--log-interval", type=float, default=None,
-                   help="seconds between progress lines (default: 0.5 on a terminal, 10 otherwise)")
+    p.add_argument(
+        "--log-interval",
+        type=float,
+        default=None,
+        help="seconds between progress lines (default: 0.5 on a terminal, 10 otherwise)",
+    )
     return p
 
 
@@ -496,9 +562,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the temporary files are removed
     try:
-        s = preprocess(args.inputs, args.output, tokenizer=args.tokenizer, text_key=args.text_key, fmt=args.fmt,
-                       text_mode=args.text_mode, split=args.split, hf_config=args.hf_config, workers=args.workers,
-                       strict=args.strict, interval=args.log_interval)
+        s = preprocess(
+            args.inputs,
+            args.output,
+            tokenizer=args.tokenizer,
+            text_key=args.text_key,
+            fmt=args.fmt,
+            text_mode=args.text_mode,
+            split=args.split,
+            hf_config=args.hf_config,
+            workers=args.workers,
+            strict=args.strict,
+            interval=args.log_interval,
+        )
     except (DataError, TokenizerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -507,9 +583,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     skipped = sum(s.skipped.values())
     dt = max(s.seconds, 1e-9)
-    print(f"done in {s.seconds:.2f} s: {s.docs:,} documents, {_si(s.bytes, 'B')} of text -> {s.tokens:,} tokens "
-          f"({_si(s.docs / dt, 'docs/s')}, {_si(s.bytes / dt, 'B/s')}, {_si(s.tokens / dt, 'tokens/s')}, "
-          f"{s.workers} workers)")
+    print(
+        f"done in {s.seconds:.2f} s: {s.docs:,} documents, {_si(s.bytes, 'B')} of text -> {s.tokens:,} tokens "
+        f"({_si(s.docs / dt, 'docs/s')}, {_si(s.bytes / dt, 'B/s')}, {_si(s.tokens / dt, 'tokens/s')}, "
+        f"{s.workers} workers)"
+    )
     if skipped:
         kinds = ", ".join(f"{n} {k}" for k, n in s.skipped.most_common())
         print(f"skipped {skipped:,} bad inputs ({kinds}); --strict makes them fatal")

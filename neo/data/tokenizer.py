@@ -114,13 +114,17 @@ def _parse_ranks(data: bytes, where: str) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as e:
-                raise TokenizerError(f"{where}:{n}: not a tiktoken rank line ({e}); expected 'base64 rank'") from e
+                raise TokenizerError(
+                    f"{where}:{n}: not a tiktoken rank line ({e}); expected 'base64 rank'"
+                ) from e
     if not ranks:
         raise TokenizerError(f"{where}: empty rank file")
     return ranks
 
 
-def _data_gym_ranks(encoder_json: Path, vocab_bpe: Path, check_merges: bool = True) -> tuple[dict[bytes, int], dict, str]:
+def _data_gym_ranks(
+    encoder_json: Path, vocab_bpe: Path, check_merges: bool = True
+) -> tuple[dict[bytes, int], dict, str]:
     """Ranks from GPT-2-style encoder.json + vocab.bpe, the decoded encoder, and a sha256 of both.
 
     ``check_merges``: verify that the ranks follow the merges file (0.2 s); files whose sha256 is
@@ -135,7 +139,11 @@ def _data_gym_ranks(encoder_json: Path, vocab_bpe: Path, check_merges: bool = Tr
     byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
     try:
         encoder = json.loads(enc_bytes)
-        ranks = {bytes(byte_of[c] for c in k): v for k, v in encoder.items() if k not in (ENDOFTEXT, "<|startoftext|>")}
+        ranks = {
+            bytes(byte_of[c] for c in k): v
+            for k, v in encoder.items()
+            if k not in (ENDOFTEXT, "<|startoftext|>")
+        }
         merges = [line.split() for line in bpe_bytes.decode().split("\n")[1:-1]] if check_merges else []
         # tiktoken merges by rank, so the ranks must follow the order of the merges file.
         for i, (a, b) in enumerate(merges):
@@ -172,13 +180,18 @@ def _from_package(name: str) -> Tokenizer | None:
         return None
     if name in ("gpt2", "r50k_base"):
         enc_json, vocab = paths
-        if (_sha256(enc_json.read_bytes()), _sha256(vocab.read_bytes())) != (_GPT2_ENCODER_SHA, _GPT2_VOCAB_SHA):
+        if (_sha256(enc_json.read_bytes()), _sha256(vocab.read_bytes())) != (
+            _GPT2_ENCODER_SHA,
+            _GPT2_VOCAB_SHA,
+        ):
             raise TokenizerError(f"{module}'s GPT-2 files do not match tiktoken's sha256; reinstall {module}")
         ranks = _data_gym_ranks(enc_json, vocab, check_merges=False)[0]
     else:
         data = gzip.decompress(paths[0].read_bytes())
         if _sha256(data) != {"cl100k_base": _CL100K_SHA, "o200k_base": _O200K_SHA}[name]:
-            raise TokenizerError(f"{module}'s {name} file does not match tiktoken's sha256; reinstall {module}")
+            raise TokenizerError(
+                f"{module}'s {name} file does not match tiktoken's sha256; reinstall {module}"
+            )
         ranks = _parse_ranks(data, str(paths[0]))
     return _make(name, _PATTERNS[name], ranks, _SPECIALS[name])
 
@@ -216,7 +229,10 @@ def _from_path(path: Path) -> Tokenizer:
                 "or pass a .tiktoken rank file"
             )
         ranks, encoder, sha = _data_gym_ranks(enc_json, vocab)
-        if (_sha256(enc_json.read_bytes()), _sha256(vocab.read_bytes())) == (_GPT2_ENCODER_SHA, _GPT2_VOCAB_SHA):
+        if (_sha256(enc_json.read_bytes()), _sha256(vocab.read_bytes())) == (
+            _GPT2_ENCODER_SHA,
+            _GPT2_VOCAB_SHA,
+        ):
             return _make("gpt2", _R50K_PAT, ranks, _SPECIALS["gpt2"])
         eod = encoder.get(ENDOFTEXT, len(ranks))
         return _make(f"file:{folder}@{sha[:12]}", _R50K_PAT, ranks, {ENDOFTEXT: eod})

@@ -18,12 +18,18 @@ import torch
 from neo.model.args import ModelArgs
 
 _BLOCK_PARAMS = (
-    "input_layernorm.weight", "input_layernorm.bias",
-    "post_attention_layernorm.weight", "post_attention_layernorm.bias",
-    "attention.query_key_value.weight", "attention.query_key_value.bias",
-    "attention.dense.weight", "attention.dense.bias",
-    "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
-    "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias",
+    "input_layernorm.weight",
+    "input_layernorm.bias",
+    "post_attention_layernorm.weight",
+    "post_attention_layernorm.bias",
+    "attention.query_key_value.weight",
+    "attention.query_key_value.bias",
+    "attention.dense.weight",
+    "attention.dense.bias",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_h_to_4h.bias",
+    "mlp.dense_4h_to_h.weight",
+    "mlp.dense_4h_to_h.bias",
 )
 
 
@@ -47,14 +53,27 @@ def hf_config(args: ModelArgs, **extra: Any):
     if problems:
         raise ValueError("cannot express this model as GPTNeoX: " + "; ".join(problems))
     return GPTNeoXConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads, intermediate_size=args.ffn_size, hidden_act="gelu",
-        rotary_pct=args.rotary_pct, rotary_emb_base=args.rotary_base,
-        rope_parameters={"rope_type": "default", "rope_theta": args.rotary_base,
-                         "partial_rotary_factor": args.rotary_pct},
-        max_position_embeddings=args.max_positions, layer_norm_eps=args.norm_eps,
-        use_parallel_residual=args.parallel_residual, tie_word_embeddings=args.tie_embeddings,
-        attention_dropout=0.0, hidden_dropout=0.0, attention_bias=True, **extra,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        intermediate_size=args.ffn_size,
+        hidden_act="gelu",
+        rotary_pct=args.rotary_pct,
+        rotary_emb_base=args.rotary_base,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": args.rotary_base,
+            "partial_rotary_factor": args.rotary_pct,
+        },
+        max_position_embeddings=args.max_positions,
+        layer_norm_eps=args.norm_eps,
+        use_parallel_residual=args.parallel_residual,
+        tie_word_embeddings=args.tie_embeddings,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        attention_bias=True,
+        **extra,
     )
 
 
@@ -103,12 +122,15 @@ def load_into_hf(model, state: dict[str, torch.Tensor], args: ModelArgs) -> None
     if "embed_out.weight" not in target and "lm_head.weight" in target:
         hf_state["lm_head.weight"] = hf_state.pop("embed_out.weight")
     missing, unexpected = model.load_state_dict(hf_state, strict=False)
-    missing = [k for k in missing if not (args.tie_embeddings and k in ("lm_head.weight", "embed_out.weight"))]
+    missing = [
+        k for k in missing if not (args.tie_embeddings and k in ("lm_head.weight", "embed_out.weight"))
+    ]
     if missing or unexpected:
         raise KeyError(f"weights do not match GPTNeoX: missing {missing}, unexpected {unexpected}")
 
 
 # --------------------------------------------------------------------------- checkpoint <-> HF directory
+
 
 def _gpt2_bpe_files(spec: str) -> tuple[Path, Path] | None:
     """encoder.json and vocab.bpe of a GPT-2-style tokenizer spec (the only BPE transformers' GPT2Tokenizer
@@ -135,10 +157,22 @@ def _write_tokenizer(out: Path, spec: str, eod_id: int, max_length: int) -> bool
     shutil.copyfile(files[0], out / "vocab.json")
     shutil.copyfile(files[1], out / "merges.txt")
     eos = "<|endoftext|>"
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": eos, "eos_token": eos,
-        "unk_token": eos, "add_prefix_space": False}, indent=1))
-    (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": eos, "eos_token": eos, "unk_token": eos}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "model_max_length": max_length,
+                "bos_token": eos,
+                "eos_token": eos,
+                "unk_token": eos,
+                "add_prefix_space": False,
+            },
+            indent=1,
+        )
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": eos, "eos_token": eos, "unk_token": eos})
+    )
     return True
 
 
@@ -170,14 +204,26 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype | None =
     save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(tmp))
     has_tokenizer = _write_tokenizer(tmp, spec, eod, args.max_positions)
-    (tmp / "neo_export.json").write_text(json.dumps({"source": os.path.abspath(checkpoint),
-                                                     "iteration": meta.get("iteration"), "tokenizer": spec,
-                                                     "neo_version": meta.get("neo_version")}, indent=1))
+    (tmp / "neo_export.json").write_text(
+        json.dumps(
+            {
+                "source": os.path.abspath(checkpoint),
+                "iteration": meta.get("iteration"),
+                "tokenizer": spec,
+                "neo_version": meta.get("neo_version"),
+            },
+            indent=1,
+        )
+    )
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
-    return {"path": str(out), "parameters": sum(v.numel() for v in hf_state.values()), "tokenizer": has_tokenizer,
-            "tokenizer_spec": spec}
+    return {
+        "path": str(out),
+        "parameters": sum(v.numel() for v in hf_state.values()),
+        "tokenizer": has_tokenizer,
+        "tokenizer_spec": spec,
+    }
 
 
 def args_from_hf_config(config: dict) -> ModelArgs:
@@ -189,14 +235,19 @@ def args_from_hf_config(config: dict) -> ModelArgs:
     if act != "gelu":
         raise ValueError(f"hidden_act {act!r}: neo's GPTNeoX import supports the exact 'gelu'")
     return ModelArgs(
-        n_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
-        n_heads=config["num_attention_heads"], ffn_hidden_size=config["intermediate_size"],
+        n_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        n_heads=config["num_attention_heads"],
+        ffn_hidden_size=config["intermediate_size"],
         seq_length=config.get("max_position_embeddings", 2048),
-        max_position_embeddings=config.get("max_position_embeddings", 2048), vocab_size=config["vocab_size"],
+        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        vocab_size=config["vocab_size"],
         rotary_pct=rope.get("partial_rotary_factor", config.get("rotary_pct", 0.25)),
         rotary_base=float(rope.get("rope_theta", config.get("rotary_emb_base", 10000.0))),
-        parallel_residual=config.get("use_parallel_residual", True), norm_eps=config.get("layer_norm_eps", 1e-5),
-        tie_embeddings=config.get("tie_word_embeddings", False))
+        parallel_residual=config.get("use_parallel_residual", True),
+        norm_eps=config.get("layer_norm_eps", 1e-5),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+    )
 
 
 def import_hf(hf_dir: str, out_dir: str, tokenizer: str = "gpt2") -> dict:
@@ -234,10 +285,20 @@ def import_hf(hf_dir: str, out_dir: str, tokenizer: str = "gpt2") -> dict:
 
     import neo
 
-    meta = {"iteration": 0, "consumed_samples": 0, "model": asdict(args), "layout": {"tp": 1, "pp": 1, "dp": 1,
-            "zero": None}, "tokenizer": tokenizer, "tokenizer_spec": tokenizer, "neo_version": neo.__version__,
-            "tp_split": {}, "imported_from": os.path.abspath(hf_dir),
-            "files": {"weights/tp00-pp00.safetensors": (tmp / "weights" / "tp00-pp00.safetensors").stat().st_size}}
+    meta = {
+        "iteration": 0,
+        "consumed_samples": 0,
+        "model": asdict(args),
+        "layout": {"tp": 1, "pp": 1, "dp": 1, "zero": None},
+        "tokenizer": tokenizer,
+        "tokenizer_spec": tokenizer,
+        "neo_version": neo.__version__,
+        "tp_split": {},
+        "imported_from": os.path.abspath(hf_dir),
+        "files": {
+            "weights/tp00-pp00.safetensors": (tmp / "weights" / "tp00-pp00.safetensors").stat().st_size
+        },
+    }
     (tmp / "neo.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
         out.rmdir()

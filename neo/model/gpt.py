@@ -29,23 +29,34 @@ class Embedding(nn.Module):
     def __init__(self, args: ModelArgs, tp_group=None):
         super().__init__()
         std = init_stds(args)[0]
-        self.word_embeddings = VocabParallelEmbedding(args.vocab_size, args.hidden_size, init_std=std,
-                                                      tp_group=tp_group)
+        self.word_embeddings = VocabParallelEmbedding(
+            args.vocab_size, args.hidden_size, init_std=std, tp_group=tp_group
+        )
         self.position_embeddings = None
         if args.position_embedding == "learned":
             self.position_embeddings = LearnedPositions(args.max_positions, args.hidden_size, std)
         elif args.position_embedding == "sinusoidal":
-            self.register_buffer("sinusoidal", sinusoidal_table(args.max_positions, args.hidden_size),
-                                 persistent=False)
-        self.kind, self.tp_group, self.loss_chunk_size = args.position_embedding, tp_group, args.loss_chunk_size
+            self.register_buffer(
+                "sinusoidal", sinusoidal_table(args.max_positions, args.hidden_size), persistent=False
+            )
+        self.kind, self.tp_group, self.loss_chunk_size = (
+            args.position_embedding,
+            tp_group,
+            args.loss_chunk_size,
+        )
         self.dropout = nn.Dropout(args.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
         x = self.word_embeddings(tokens)
         if self.kind in ("learned", "sinusoidal"):
-            positions = ctx.positions if ctx is not None and ctx.positions is not None else \
-                torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
-            pos = self.position_embeddings(positions) if self.kind == "learned" else self.sinusoidal[positions]
+            positions = (
+                ctx.positions
+                if ctx is not None and ctx.positions is not None
+                else torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+            )
+            pos = (
+                self.position_embeddings(positions) if self.kind == "learned" else self.sinusoidal[positions]
+            )
             x = x + pos.to(x.dtype)
         return self.dropout(x)
 
@@ -70,7 +81,9 @@ class FinalNorm(nn.Module):
         return self.final_layer_norm(x)
 
 
-def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tp_group, chunk: int) -> torch.Tensor:
+def _head_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tp_group, chunk: int
+) -> torch.Tensor:
     """Head and mean loss in one pass over chunks of tokens (``model.loss_chunk_size``; 0: unfused)."""
     if chunk == 0:
         return loss_fn(torch.nn.functional.linear(copy_to_region(hidden, tp_group), weight), labels, tp_group)
@@ -86,11 +99,14 @@ class Head(nn.Module):
 
     def __init__(self, args: ModelArgs, tp_group=None):
         super().__init__()
-        self.embed_out = ColumnParallelLinear(args.hidden_size, args.vocab_size, bias=False,
-                                              init_std=init_stds(args)[0], tp_group=tp_group)
+        self.embed_out = ColumnParallelLinear(
+            args.hidden_size, args.vocab_size, bias=False, init_std=init_stds(args)[0], tp_group=tp_group
+        )
         self.tp_group, self.loss_chunk_size = tp_group, args.loss_chunk_size
 
-    def forward(self, x: torch.Tensor, ctx: Context | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: Context | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.embed_out(x) if labels is None else self.head_loss(x, labels)
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -148,10 +164,15 @@ def layer_specs(args: ModelArgs, tp_group=None) -> list[Spec]:
     """embedding, blocks, final norm, head: the single description of the model."""
     if args.vocab_size is None:
         raise ValueError("ModelArgs.vocab_size must be set (the padded vocabulary of the tokenizer)")
-    emb = Spec(Embedding, dict(args=args, tp_group=tp_group), tie_key="embed" if args.tie_embeddings else None)
+    emb = Spec(
+        Embedding, dict(args=args, tp_group=tp_group), tie_key="embed" if args.tie_embeddings else None
+    )
     blocks = [Spec(Block, dict(args=args, layer_number=i, tp_group=tp_group)) for i in range(args.n_layers)]
-    head = (Spec(Embedding, dict(args=args, tp_group=tp_group), tie_key="embed", forward_fn=_tied_head)
-            if args.tie_embeddings else Spec(Head, dict(args=args, tp_group=tp_group)))
+    head = (
+        Spec(Embedding, dict(args=args, tp_group=tp_group), tie_key="embed", forward_fn=_tied_head)
+        if args.tie_embeddings
+        else Spec(Head, dict(args=args, tp_group=tp_group))
+    )
     return [emb, *blocks, Spec(FinalNorm, dict(args=args)), head]
 
 
@@ -194,8 +215,9 @@ class GPT(nn.Module):
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                ctx: Context | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None = None, ctx: Context | None = None
+    ) -> torch.Tensor:
         x = tokens
         *body, head = self.layers
         for layer in body:
@@ -217,7 +239,9 @@ class _TiedCall(nn.Module):
         self.__dict__["target"] = module
         self.fn = fn
 
-    def forward(self, x: torch.Tensor, ctx: Context | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: Context | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.fn(self.target, x, labels)
 
 
@@ -247,8 +271,14 @@ def flops_per_token(args: ModelArgs, seq_length: int | None = None) -> float:
     return 6.0 * matmul_params + 12.0 * args.n_layers * args.hidden_size * s
 
 
-def pipeline_module(args: ModelArgs, topo, *, seed: int = 1234, partition_method: str = "parameters",
-                    checkpoint_interval: int = 0):
+def pipeline_module(
+    args: ModelArgs,
+    topo,
+    *,
+    seed: int = 1234,
+    partition_method: str = "parameters",
+    checkpoint_interval: int = 0,
+):
     """The pipeline (pp > 1) form: the same layer specs as DeepSpeed ``LayerSpec``s in a ``PipelineModule``.
 
     Each stage builds only its layers; each layer is initialised from its own (seed, index) generator,
@@ -263,14 +293,26 @@ def pipeline_module(args: ModelArgs, topo, *, seed: int = 1234, partition_method
     specs = []
     for spec in (*body, head):
         if spec.tie_key is not None:
-            specs.append(TiedLayerSpec(spec.tie_key, spec.cls, forward_fn=spec.forward_fn,
-                                       tied_weight_attr=["word_embeddings.weight"], **spec.kwargs))
+            specs.append(
+                TiedLayerSpec(
+                    spec.tie_key,
+                    spec.cls,
+                    forward_fn=spec.forward_fn,
+                    tied_weight_attr=["word_embeddings.weight"],
+                    **spec.kwargs,
+                )
+            )
         else:
             specs.append(LayerSpec(spec.cls, **spec.kwargs))
     loss = PipelineLoss()
-    module = PipelineModule(layers=specs, topology=topo.deepspeed_topology(), loss_fn=loss,
-                            partition_method=partition_method, activation_checkpoint_interval=checkpoint_interval,
-                            checkpointable_layers=["Block"])
+    module = PipelineModule(
+        layers=specs,
+        topology=topo.deepspeed_topology(),
+        loss_fn=loss,
+        partition_method=partition_method,
+        activation_checkpoint_interval=checkpoint_interval,
+        checkpointable_layers=["Block"],
+    )
     if module.stage_id == module.num_stages - 1:
         loss.head = module.tied_modules[head.tie_key] if head.tie_key else module.forward_funcs[-1]
     for name, child in module.named_children():

@@ -106,10 +106,10 @@ class KVCache:
             shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
             self.keys[layer] = k.new_empty(shape)
             self.values[layer] = v.new_empty(shape)
-        self.keys[layer][:, :, n:n + s] = k
-        self.values[layer][:, :, n:n + s] = v
+        self.keys[layer][:, :, n : n + s] = k
+        self.values[layer][:, :, n : n + s] = v
         self.lengths[layer] = n + s
-        return self.keys[layer][:, :, :n + s], self.values[layer][:, :, :n + s]
+        return self.keys[layer][:, :, : n + s], self.values[layer][:, :, : n + s]
 
 
 @dataclass
@@ -135,8 +135,14 @@ class Attention(nn.Module):
     contiguous row-slice a TP rank owns is a set of whole heads.
     """
 
-    def __init__(self, args: ModelArgs, layer_number: int, tp_group=None, small_std: float = 0.02,
-                 out_std: float = 0.02):
+    def __init__(
+        self,
+        args: ModelArgs,
+        layer_number: int,
+        tp_group=None,
+        small_std: float = 0.02,
+        out_std: float = 0.02,
+    ):
         super().__init__()
         h, tp = args.hidden_size, group_size(tp_group)
         if args.n_heads % tp:
@@ -147,8 +153,9 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.dropout = args.attention_dropout
         self.query_key_value = ColumnParallelLinear(h, 3 * h, init_std=small_std, tp_group=tp_group)
-        self.dense = RowParallelLinear(h, h, init_std=out_std, reduce_output=not args.parallel_residual,
-                                       tp_group=tp_group)
+        self.dense = RowParallelLinear(
+            h, h, init_std=out_std, reduce_output=not args.parallel_residual, tp_group=tp_group
+        )
         self.rotary = Rotary(args.rotary_dim, args.rotary_base) if args.rotary_dim else None
 
     def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
@@ -204,8 +211,9 @@ class MLP(nn.Module):
         self.dense_h_to_4h = ColumnParallelLinear(h, f, init_std=small_std, tp_group=tp_group)
         if self.swiglu:
             self.dense_gate = ColumnParallelLinear(h, f, init_std=small_std, tp_group=tp_group)
-        self.dense_4h_to_h = RowParallelLinear(f, h, init_std=out_std, reduce_output=not args.parallel_residual,
-                                               tp_group=tp_group)
+        self.dense_4h_to_h = RowParallelLinear(
+            f, h, init_std=out_std, reduce_output=not args.parallel_residual, tp_group=tp_group
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.dense_h_to_4h(x)
@@ -249,8 +257,13 @@ class Block(nn.Module):
         return x + self.dropout(out)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        for linear in (self.attention.query_key_value, self.attention.dense, self.mlp.dense_h_to_4h,
-                       getattr(self.mlp, "dense_gate", None), self.mlp.dense_4h_to_h):
+        for linear in (
+            self.attention.query_key_value,
+            self.attention.dense,
+            self.mlp.dense_h_to_4h,
+            getattr(self.mlp, "dense_gate", None),
+            self.mlp.dense_4h_to_h,
+        ):
             if linear is not None:
                 linear.reset_parameters(generator)
 

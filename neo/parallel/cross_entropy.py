@@ -50,7 +50,9 @@ def _softmax_and_loss(logits: torch.Tensor, target: torch.Tensor, group):
     return sum_exp.log() - target_logit, exp.div_(sum_exp.unsqueeze(-1)), local_target, outside
 
 
-def _subtract_target_(softmax: torch.Tensor, local_target: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+def _subtract_target_(
+    softmax: torch.Tensor, local_target: torch.Tensor, outside: torch.Tensor
+) -> torch.Tensor:
     """softmax - one_hot(target): the gradient of the per-token loss with respect to the logits."""
     hit = (~outside).to(softmax.dtype)
     return softmax.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
@@ -59,7 +61,9 @@ def _subtract_target_(softmax: torch.Tensor, local_target: torch.Tensor, outside
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group):
-        loss, softmax, local_target, outside = _softmax_and_loss(_at_least_fp32(logits, copy=True), target, group)
+        loss, softmax, local_target, outside = _softmax_and_loss(
+            _at_least_fp32(logits, copy=True), target, group
+        )
         ctx.save_for_backward(softmax, local_target, outside)
         return loss
 
@@ -72,7 +76,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None) -> torch.Tensor:
     """Per-token loss [..] from logits [.., vocab / tp] split across ``group`` (fp32 arithmetic)."""
     if group_size(group) == 1:
-        return F.cross_entropy(_at_least_fp32(logits).flatten(0, -2), target.flatten(), reduction="none").view_as(target)
+        return F.cross_entropy(
+            _at_least_fp32(logits).flatten(0, -2), target.flatten(), reduction="none"
+        ).view_as(target)
     return _VocabParallelCrossEntropy.apply(logits, target, group)
 
 
@@ -88,13 +94,19 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int):
         n, want_weight_grad = hidden.shape[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if want_weight_grad else None
+        grad_weight = (
+            torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+            if want_weight_grad
+            else None
+        )
         losses = hidden.new_empty(n, dtype=torch.promote_types(hidden.dtype, torch.float32))
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             x = hidden[start:end]
             logits = _at_least_fp32(x @ weight.t())
-            losses[start:end], softmax, local_target, outside = _softmax_and_loss(logits, target[start:end], group)
+            losses[start:end], softmax, local_target, outside = _softmax_and_loss(
+                logits, target[start:end], group
+            )
             grad_logits = _subtract_target_(softmax, local_target, outside).to(weight.dtype)
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])  # a partial sum when tp > 1
             if grad_weight is None:
@@ -109,8 +121,10 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.grads is None:
-            raise RuntimeError("fused_head_cross_entropy: backward ran twice over the same graph (retain_graph). "
-                               "Fix: set model.loss_chunk_size=0 for the unfused head and loss.")
+            raise RuntimeError(
+                "fused_head_cross_entropy: backward ran twice over the same graph (retain_graph). "
+                "Fix: set model.loss_chunk_size=0 for the unfused head and loss."
+            )
         (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
         scale = _at_least_fp32(grad_output) / ctx.n
         if grad_weight is not None:
@@ -118,17 +132,20 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         return grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight, None, None, None
 
 
-def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int) -> torch.Tensor:
+def _chunked_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int
+) -> torch.Tensor:
     """The fused forward without gradients (evaluation): mean loss, one chunk of logits at a time."""
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.shape[0], chunk):
-        logits = _at_least_fp32(hidden[start:start + chunk] @ weight.t())
-        total += _softmax_and_loss(logits, target[start:start + chunk], group)[0].sum()
+        logits = _at_least_fp32(hidden[start : start + chunk] @ weight.t())
+        total += _softmax_and_loss(logits, target[start : start + chunk], group)[0].sum()
     return total / hidden.shape[0]
 
 
-def fused_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group=None,
-                             chunk: int = 1024) -> torch.Tensor:
+def fused_head_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group=None, chunk: int = 1024
+) -> torch.Tensor:
     """Mean next-token loss of the output head ``weight`` [vocab / tp, h] on ``hidden`` [.., h].
 
     Equal to ``vocab_parallel_cross_entropy(hidden @ weight.T, target, group).mean()``; under TP,

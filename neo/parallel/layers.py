@@ -56,8 +56,16 @@ class ColumnParallelLinear(nn.Module):
     The output stays split (each rank holds its features) unless ``gather_output``.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, gather_output: bool = False,
-                 init_std: float = 0.02, tp_group=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        gather_output: bool = False,
+        init_std: float = 0.02,
+        tp_group=None,
+    ):
         super().__init__()
         self.tp_group, self.gather_output, self.init_std = tp_group, gather_output, init_std
         local = _divide(out_features, group_size(tp_group), "output features")
@@ -82,8 +90,16 @@ class RowParallelLinear(nn.Module):
     then adds ``bias``.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, reduce_output: bool = True,
-                 init_std: float = 0.02, tp_group=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        reduce_output: bool = True,
+        init_std: float = 0.02,
+        tp_group=None,
+    ):
         super().__init__()
         self.tp_group, self.reduce_output, self.init_std = tp_group, reduce_output, init_std
         local = _divide(in_features, group_size(tp_group), "input features")

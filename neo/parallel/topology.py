@@ -39,7 +39,9 @@ class Topology:
         return (pipe * self.dp + data) * self.tp + tensor
 
     def coord_of(self, rank: int) -> Coord:
-        return Coord(pipe=rank // (self.dp * self.tp), data=(rank // self.tp) % self.dp, tensor=rank % self.tp)
+        return Coord(
+            pipe=rank // (self.dp * self.tp), data=(rank // self.tp) % self.dp, tensor=rank % self.tp
+        )
 
     def _make_groups(self) -> None:
         """Every rank creates every group in the same order (new_group is collective)."""
@@ -118,5 +120,7 @@ class Topology:
         return topo
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = pp {self.pp} x dp {self.dp} x tp {self.tp}; this rank {self.rank}: "
-                f"pipe {self.coord.pipe}, data {self.coord.data}, tensor {self.coord.tensor}")
+        return (
+            f"world {self.world_size} = pp {self.pp} x dp {self.dp} x tp {self.tp}; this rank {self.rank}: "
+            f"pipe {self.coord.pipe}, data {self.coord.data}, tensor {self.coord.tensor}"
+        )

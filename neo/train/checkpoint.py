@@ -105,9 +105,9 @@ def find_latest(root: str) -> str | None:
 def canonical_name(name: str) -> str:
     """The plain model's parameter name for a name in the plain or the pipeline form."""
     if name.startswith("module."):
-        name = name[len("module."):]
+        name = name[len("module.") :]
     if name.startswith("tied_modules.embed."):
-        return "layers.0." + name[len("tied_modules.embed."):]
+        return "layers.0." + name[len("tied_modules.embed.") :]
     head, _, rest = name.partition(".")
     return f"layers.{head}.{rest}" if head.isdigit() else name
 
@@ -124,11 +124,18 @@ def _save_weights(module: torch.nn.Module, folder: str, topo, zero_stage: int) -
     splits = {canonical_name(n): getattr(p, "tp_split_dim", None) for n, p in module.named_parameters()}
     with gather:
         if topo.coord.data == 0:
-            state = {canonical_name(n): t.detach().cpu().clone().contiguous() for n, t in module.state_dict().items()
-                     if canonical_name(n) in splits}
+            state = {
+                canonical_name(n): t.detach().cpu().clone().contiguous()
+                for n, t in module.state_dict().items()
+                if canonical_name(n) in splits
+            }
             os.makedirs(os.path.join(folder, "weights"), exist_ok=True)
-            save_file(state, os.path.join(folder, "weights", f"tp{topo.coord.tensor:02d}-pp{topo.coord.pipe:02d}"
-                                                             ".safetensors"))
+            save_file(
+                state,
+                os.path.join(
+                    folder, "weights", f"tp{topo.coord.tensor:02d}-pp{topo.coord.pipe:02d}.safetensors"
+                ),
+            )
     return splits
 
 
@@ -152,15 +159,20 @@ def verify(path: str, meta: dict) -> None:
     for rel, size in meta.get("files", {}).items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
-            raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing. Fix: load an earlier "
-                                  "checkpoint (delete this folder and `latest` falls back to the previous one).")
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: {rel} is missing. Fix: load an earlier "
+                "checkpoint (delete this folder and `latest` falls back to the previous one)."
+            )
         if os.path.getsize(full) != size:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {rel} has {os.path.getsize(full):,} bytes, "
-                                  f"{size:,} were written. Fix: load an earlier checkpoint (delete this folder).")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {rel} has {os.path.getsize(full):,} bytes, "
+                f"{size:,} were written. Fix: load an earlier checkpoint (delete this folder)."
+            )
 
 
-def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None, topo=None,
-         zero_stage: int = 0) -> str:
+def save(
+    engine, root: str, iteration: int, meta: dict, keep_last_n: int | None, topo=None, zero_stage: int = 0
+) -> str:
     """Save a checkpoint of ``engine`` at ``iteration`` and publish it atomically (all ranks call)."""
     tag, tmp_tag = tag_for(iteration), ".tmp-" + tag_for(iteration)
     tmp_dir, final_dir = os.path.join(root, tmp_tag), os.path.join(root, tag)
@@ -179,8 +191,14 @@ def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None,
         splits = {k: v for part in gathered for k, v in part.items()}
     _barrier()
     if _rank() == 0:
-        meta = dict(meta, iteration=iteration, neo_version=neo.__version__, tp_split=splits,
-                    optimizer_state=optim, files=_manifest(tmp_dir))
+        meta = dict(
+            meta,
+            iteration=iteration,
+            neo_version=neo.__version__,
+            tp_split=splits,
+            optimizer_state=optim,
+            files=_manifest(tmp_dir),
+        )
         _atomic_write(os.path.join(tmp_dir, META), json.dumps(meta, indent=1))
         if os.path.isdir(final_dir):  # a re-save of the same step (e.g. a signal right after a save)
             shutil.rmtree(final_dir)
@@ -203,9 +221,11 @@ def _prune(root: str, keep_last_n: int | None) -> None:
 def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path} is not a complete neo checkpoint (no {META}; an interrupted save?). "
-                              "Fix: point checkpoint.load at a folder like <dir>/iter_00001000 that has one, "
-                              "or at the checkpoint dir to take its newest complete checkpoint.")
+        raise CheckpointError(
+            f"{path} is not a complete neo checkpoint (no {META}; an interrupted save?). "
+            "Fix: point checkpoint.load at a folder like <dir>/iter_00001000 that has one, "
+            "or at the checkpoint dir to take its newest complete checkpoint."
+        )
     try:
         with open(meta_path) as f:
             return json.load(f)
@@ -228,9 +248,22 @@ def _shape(model: dict) -> dict:
     from neo.model.args import ModelArgs
 
     a = ModelArgs(**model)
-    shape = {k: getattr(a, k) for k in ("n_layers", "hidden_size", "n_heads", "ffn_size", "vocab_size",
-                                         "position_embedding", "rotary_dim", "parallel_residual", "norm",
-                                         "activation", "tie_embeddings")}
+    shape = {
+        k: getattr(a, k)
+        for k in (
+            "n_layers",
+            "hidden_size",
+            "n_heads",
+            "ffn_size",
+            "vocab_size",
+            "position_embedding",
+            "rotary_dim",
+            "parallel_residual",
+            "norm",
+            "activation",
+            "tie_embeddings",
+        )
+    }
     if a.position_embedding == "learned":
         shape["max_positions"] = a.max_positions
     return shape
@@ -241,8 +274,10 @@ def check_compatible(meta: dict, model: dict, path: str) -> None:
     saved, now = _shape(meta.get("model", {})), _shape(model)
     diffs = [f"model.{k}: saved {saved[k]!r}, now {now[k]!r}" for k in saved if saved[k] != now.get(k)]
     if diffs:
-        raise CheckpointError(f"checkpoint {path} holds a different model shape: {'; '.join(diffs)}. "
-                              "Fix: use the model config it was trained with.")
+        raise CheckpointError(
+            f"checkpoint {path} holds a different model shape: {'; '.join(diffs)}. "
+            "Fix: use the model config it was trained with."
+        )
 
 
 @dataclass
@@ -270,15 +305,21 @@ class LoadPlan:
         if self.mode == "weights":
             return f"loaded the weights of {self.path} (iteration {it}); starting at iteration 0, fresh optimizer"
         s = self.saved_layout
-        head = (f"loaded {self.path} (iteration {it}, {n:,} samples) saved with tp={s.get('tp')} pp={s.get('pp')} "
-                f"dp={s.get('dp')} zero={s.get('zero')} into this layout: ")
+        head = (
+            f"loaded {self.path} (iteration {it}, {n:,} samples) saved with tp={s.get('tp')} pp={s.get('pp')} "
+            f"dp={s.get('dp')} zero={s.get('zero')} into this layout: "
+        )
         if self.optimizer_fresh is None:
             saved = self.meta.get("optimizer_state") or {}
             masters = ", fp32 master weights" if saved.get("masters") else ""
-            return head + (f"weights, optimizer state (Adam moments at step {saved.get('step')}{masters}), "
-                           "iteration, data position and LR schedule carried over")
-        return head + ("weights, iteration, data position and LR schedule carried over; the optimizer state "
-                       f"(Adam moments) starts fresh: {self.optimizer_fresh}")
+            return head + (
+                f"weights, optimizer state (Adam moments at step {saved.get('step')}{masters}), "
+                "iteration, data position and LR schedule carried over"
+            )
+        return head + (
+            "weights, iteration, data position and LR schedule carried over; the optimizer state "
+            f"(Adam moments) starts fresh: {self.optimizer_fresh}"
+        )
 
 
 def plan_load(path: str, layout: dict, weights_only: bool) -> LoadPlan:
@@ -297,8 +338,10 @@ def local_slice(full: torch.Tensor, p: torch.nn.Parameter, topo, name: str, shap
     part = full.chunk(topo.tp, dim=dim)[topo.coord.tensor] if dim is not None else full
     want = tuple(shape if shape is not None else p.shape)
     if tuple(part.shape) != want:
-        raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(full.shape)}, {tuple(part.shape)} for this "
-                              f"rank; the model expects {want}: the checkpoint does not match this model.")
+        raise CheckpointError(
+            f"checkpoint tensor {name} has shape {tuple(full.shape)}, {tuple(part.shape)} for this "
+            f"rank; the model expects {want}: the checkpoint does not match this model."
+        )
     return part
 
 
@@ -327,8 +370,10 @@ def load(engine, path: str) -> None:
     try:
         loaded, _ = engine.load_checkpoint(root, tag=tag)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises many types for damaged files
-        raise CheckpointError(f"DeepSpeed could not load {path}: {type(e).__name__}: {e}. Fix: load an earlier "
-                              "checkpoint (delete this folder).") from None
+        raise CheckpointError(
+            f"DeepSpeed could not load {path}: {type(e).__name__}: {e}. Fix: load an earlier "
+            "checkpoint (delete this folder)."
+        ) from None
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {path}; files are missing or unreadable.")
     rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
@@ -350,8 +395,10 @@ class ShardedTensors:
             files = [os.path.join(path, folder, f"tp{t:02d}-pp{stage:02d}.safetensors") for t in range(tp)]
             for file in files:
                 if not os.path.isfile(file):
-                    raise CheckpointError(f"checkpoint {path} lacks {os.path.relpath(file, path)} (saved with "
-                                          f"tp={tp} pp={pp}). Fix: load an earlier checkpoint.")
+                    raise CheckpointError(
+                        f"checkpoint {path} lacks {os.path.relpath(file, path)} (saved with "
+                        f"tp={tp} pp={pp}). Fix: load an earlier checkpoint."
+                    )
             for key in self._read(files[0], lambda f: list(f.keys())):
                 self.files.setdefault(key, files)
 
@@ -405,7 +452,9 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     model = GPT(args)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match its recorded model shape: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+        raise CheckpointError(
+            f"checkpoint {path} does not match its recorded model shape: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval(), args, meta

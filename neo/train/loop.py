@@ -75,9 +75,12 @@ def _resolve_vocab(cfg: Config, tokenizer) -> int:
     if cfg.model.vocab_size is None:
         return wanted
     if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise neo_config.ConfigError([
-            f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
-            f"tokens ({tokenizer.name}). Fix: remove model.vocab_size to use the padded size {wanted}."])
+        raise neo_config.ConfigError(
+            [
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                f"tokens ({tokenizer.name}). Fix: remove model.vocab_size to use the padded size {wanted}."
+            ]
+        )
     return cfg.model.vocab_size
 
 
@@ -92,16 +95,27 @@ class Trainer:
 
         self.cfg, self.env = cfg, env
         self.topo = Topology(env.world_size, cfg.parallel.tp, cfg.parallel.pp, env.rank)
-        self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
         if cfg.precision.dtype == "fp16" and self.device.type == "cpu":
-            raise neo_config.ConfigError([
-                "precision.dtype = fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16 ('Type fp16 is not "
-                "supported on your device'). Fix: use precision.dtype: fp32 on CPU (or bf16 where the CPU has "
-                "native bf16: AVX512-BF16 or AMX)."])
-        if cfg.precision.dtype == "bf16" and self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            log(f"neo: warning: precision.dtype = bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()},"
+            raise neo_config.ConfigError(
+                [
+                    "precision.dtype = fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16 ('Type fp16 is not "
+                    "supported on your device'). Fix: use precision.dtype: fp32 on CPU (or bf16 where the CPU has "
+                    "native bf16: AVX512-BF16 or AMX)."
+                ]
+            )
+        if (
+            cfg.precision.dtype == "bf16"
+            and self.device.type == "cpu"
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        ):
+            log(
+                f"neo: warning: precision.dtype = bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()},"
                 " no AVX512-BF16/AMX): PyTorch emulates bf16 matrix multiplies, measured ~250x slower than fp32 on "
-                "such a CPU. Use precision.dtype: fp32 here.")
+                "such a CPU. Use precision.dtype: fp32 here."
+            )
         torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout agrees across a TP group
         tp_random.seed(cfg.seed + 2718 + self.topo.coord.tensor)  # split heads: independent per TP rank
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -110,37 +124,57 @@ class Trainer:
         if self.load and cfg.model.vocab_size is None:  # keep the saved padding (it grows with tp)
             vocab = int(self.load.meta["model"]["vocab_size"])
             if vocab % cfg.parallel.tp:
-                raise ckpt.CheckpointError(f"checkpoint {self.load.path} has vocab_size {vocab}, not divisible by "
-                                           f"parallel.tp = {cfg.parallel.tp}. Fix: choose a tp that divides it.")
+                raise ckpt.CheckpointError(
+                    f"checkpoint {self.load.path} has vocab_size {vocab}, not divisible by "
+                    f"parallel.tp = {cfg.parallel.tp}. Fix: choose a tp that divides it."
+                )
         self.args = dataclasses.replace(cfg.model, vocab_size=vocab)
         self.pipeline = cfg.parallel.pp > 1
         if self.pipeline:
-            model = pipeline_module(self.args, self.topo, seed=cfg.seed,
-                                    partition_method=cfg.parallel.partition_method,
-                                    checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
+            model = pipeline_module(
+                self.args,
+                self.topo,
+                seed=cfg.seed,
+                partition_method=cfg.parallel.partition_method,
+                checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
+            )
             tied = {id(p) for p in model.tied_modules.parameters()} if self.topo.coord.pipe > 0 else set()
         else:
-            model = GPT(self.args, tp_group=self.topo.tensor_group, seed=cfg.seed,
-                        checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
+            model = GPT(
+                self.args,
+                tp_group=self.topo.tensor_group,
+                seed=cfg.seed,
+                checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
+            )
             tied = set()
         if self.load:
             ckpt.check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path)
             if self.load.mode != "resume":  # before DeepSpeed copies the weights into its fp32 masters
                 ckpt.copy_weights_into(model, self.load.path, self.topo)
         groups = param_groups(model, cfg.optimizer.weight_decay)
-        adam = dict(lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
-                    fused=cfg.optimizer.fused and fused_adamw_supported(self.device))
+        adam = dict(
+            lr=cfg.optimizer.lr,
+            betas=tuple(cfg.optimizer.betas),
+            eps=cfg.optimizer.eps,
+            fused=cfg.optimizer.fused and fused_adamw_supported(self.device),
+        )
         if neo_clips(cfg.zero.stage, cfg.precision.dtype):
-            optimizer = ClippingAdamW(groups, topo=self.topo, max_norm=cfg.optimizer.grad_clip, skip=tied, **adam)
+            optimizer = ClippingAdamW(
+                groups, topo=self.topo, max_norm=cfg.optimizer.grad_clip, skip=tied, **adam
+            )
         else:
             optimizer = torch.optim.AdamW(groups, **adam)
         lr_fn = schedule_from_config(cfg.schedule, cfg.optimizer)
         if self.device.type == "cpu" and cfg.zero.stage > 0:
             fp32_zero_grad_norms()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=lambda opt: LRSchedule(opt, lr_fn),
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: LRSchedule(opt, lr_fn),
             config=neo_config.deepspeed_config(cfg),
-            mpu=self.topo if (self.topo.tp > 1 and not self.pipeline) else None, dist_init_required=False)
+            mpu=self.topo if (self.topo.tp > 1 and not self.pipeline) else None,
+            dist_init_required=False,
+        )
         self._neo_optimizer = optimizer
         self.partitioning = self._describe_partitioning(model) if self.pipeline else None
         self.iteration, self.consumed = 0, 0
@@ -149,12 +183,17 @@ class Trainer:
 
         g, it = cfg.batch.global_batch_size, cfg.schedule.iterations
         self.datasets = build_datasets(
-            train_paths=cfg.data.train_paths, train_weights=cfg.data.train_weights,
-            valid_paths=cfg.data.valid_paths, test_paths=cfg.data.test_paths, split=cfg.data.split,
-            seq_length=cfg.model.seq_length, seed=cfg.seed,
+            train_paths=cfg.data.train_paths,
+            train_weights=cfg.data.train_weights,
+            valid_paths=cfg.data.valid_paths,
+            test_paths=cfg.data.test_paths,
+            split=cfg.data.split,
+            seq_length=cfg.model.seq_length,
+            seed=cfg.seed,
             # every validation reads the same first eval.iters global batches, so curves are comparable
             num_samples={"train": it * g, "valid": cfg.eval.iters * g, "test": cfg.eval.iters * g},
-            cache_dir=cfg.data.cache_dir)
+            cache_dir=cfg.data.cache_dir,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _layout(self) -> dict:
@@ -177,17 +216,31 @@ class Trainer:
             ckpt.load(self.engine, plan.path)
         if plan.mode != "weights":
             self.iteration, self.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
-            if plan.mode == "reshape":  # DeepSpeed's scheduler and optimizer state were not loaded: neo's files
+            if (
+                plan.mode == "reshape"
+            ):  # DeepSpeed's scheduler and optimizer state were not loaded: neo's files
                 self.scheduler.load_state_dict({"last_step": self.iteration})
                 plan.optimizer_fresh = optimizer_state.restore(self.engine, plan.path, meta, self.topo)
         log(f"neo: {plan.describe()}")
 
     def save(self) -> str:
-        meta = {"consumed_samples": self.consumed, "config": neo_config.to_dict(self.cfg),
-                "model": dataclasses.asdict(self.args), "layout": self._layout(),
-                "tokenizer": self.tokenizer.name, "tokenizer_spec": self.cfg.data.tokenizer}
-        path = ckpt.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta, self.cfg.checkpoint.keep_last_n,
-                         topo=self.topo, zero_stage=self.cfg.zero.stage)
+        meta = {
+            "consumed_samples": self.consumed,
+            "config": neo_config.to_dict(self.cfg),
+            "model": dataclasses.asdict(self.args),
+            "layout": self._layout(),
+            "tokenizer": self.tokenizer.name,
+            "tokenizer_spec": self.cfg.data.tokenizer,
+        }
+        path = ckpt.save(
+            self.engine,
+            self.cfg.checkpoint_dir,
+            self.iteration,
+            meta,
+            self.cfg.checkpoint.keep_last_n,
+            topo=self.topo,
+            zero_stage=self.cfg.zero.stage,
+        )
         log(f"neo: saved checkpoint {path}")
         return path
 
@@ -195,10 +248,14 @@ class Trainer:
     def _batches(self, split: str, consumed: int):
         from neo.data.dataset import micro_batches
 
-        return micro_batches(self.datasets[split], consumed_samples=consumed,
-                             global_batch_size=self.cfg.batch.global_batch_size,
-                             micro_batch_size=self.cfg.batch.micro_batch_size,
-                             dp_rank=self.topo.coord.data, dp_size=self.topo.dp)
+        return micro_batches(
+            self.datasets[split],
+            consumed_samples=consumed,
+            global_batch_size=self.cfg.batch.global_batch_size,
+            micro_batch_size=self.cfg.batch.micro_batch_size,
+            dp_rank=self.topo.coord.data,
+            dp_size=self.topo.dp,
+        )
 
     def _describe_partitioning(self, module) -> str:
         """Which layers each pipeline stage holds and its parameter count (on tensor rank 0)."""
@@ -257,18 +314,26 @@ class Trainer:
         cfg, stop = self.cfg, StopFlag()
         counts = parameter_count(self.args)
         g, seq = cfg.batch.global_batch_size, cfg.model.seq_length
-        meter = Throughput(g * seq, flops_per_token(self.args), self.env.world_size,
-                           peak_tflops(cfg.precision.dtype, cfg.logging.peak_tflops))
+        meter = Throughput(
+            g * seq,
+            flops_per_token(self.args),
+            self.env.world_size,
+            peak_tflops(cfg.precision.dtype, cfg.logging.peak_tflops),
+        )
         writer = MetricsWriter(cfg.logging.dir, cfg.logging.tensorboard) if self.env.rank == 0 else None
-        log(f"neo: model {counts['total'] / 1e6:.2f}M parameters ({counts['blocks'] / 1e6:.2f}M in blocks, "
+        log(
+            f"neo: model {counts['total'] / 1e6:.2f}M parameters ({counts['blocks'] / 1e6:.2f}M in blocks, "
             f"vocab {self.args.vocab_size}); {flops_per_token(self.args) / 1e6:.1f} MFLOP/token; "
-            f"{self.topo.describe()}")
+            f"{self.topo.describe()}"
+        )
         log(f"neo: {neo_config.batch_arithmetic(cfg)}")
         if self.partitioning:
             log(f"neo: pipeline partitioning ({cfg.parallel.partition_method}):\n{self.partitioning}")
         if self.iteration >= cfg.schedule.iterations:
-            log(f"neo: nothing to do: the checkpoint is at iteration {self.iteration} of {cfg.schedule.iterations}. "
-                "Raise schedule.iterations to train further.")
+            log(
+                f"neo: nothing to do: the checkpoint is at iteration {self.iteration} of {cfg.schedule.iterations}. "
+                "Raise schedule.iterations to train further."
+            )
             return 0
         if self.load and self.load.mode == "reshape":
             self._validate(writer, note="after loading into the new layout")
@@ -280,9 +345,13 @@ class Trainer:
             self.iteration += 1
             self.consumed += g
             meter.step()
-            record = {"step": self.iteration, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                      "grad_norm": self._grad_norm(),
-                      "samples": self.consumed}
+            record = {
+                "step": self.iteration,
+                "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": self._grad_norm(),
+                "samples": self.consumed,
+            }
             if cfg.precision.dtype == "fp16":
                 record["loss_scale"] = float(self.engine.optimizer.cur_scale)
             if self.iteration % cfg.logging.interval == 0 or self.iteration == cfg.schedule.iterations:
@@ -293,17 +362,33 @@ class Trainer:
             if writer:
                 writer.write(record)
             last = self.iteration == cfg.schedule.iterations
-            if cfg.eval.interval and (self.iteration % cfg.eval.interval == 0 or last) or (last and cfg.eval.iters):
+            if (
+                cfg.eval.interval
+                and (self.iteration % cfg.eval.interval == 0 or last)
+                or (last and cfg.eval.iters)
+            ):
                 self._validate(writer)
-            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0 and not last:
+            if (
+                cfg.checkpoint.save_interval
+                and self.iteration % cfg.checkpoint.save_interval == 0
+                and not last
+            ):
                 self.save()
-            if not last and cfg.schedule.exit_interval and self.iteration - start_iteration >= cfg.schedule.exit_interval:
-                log(f"neo: schedule.exit_interval reached after {self.iteration - start_iteration} steps in this launch; "
-                    "saving. Launch again to continue.")
+            if (
+                not last
+                and cfg.schedule.exit_interval
+                and self.iteration - start_iteration >= cfg.schedule.exit_interval
+            ):
+                log(
+                    f"neo: schedule.exit_interval reached after {self.iteration - start_iteration} steps in this launch; "
+                    "saving. Launch again to continue."
+                )
                 break
             if not last and stop.agreed(self.device):
-                log(f"neo: signal {stop.signum or 'on another rank'} received: saving and exiting with "
-                    f"{REQUEUE_EXIT} so the job can be requeued")
+                log(
+                    f"neo: signal {stop.signum or 'on another rank'} received: saving and exiting with "
+                    f"{REQUEUE_EXIT} so the job can be requeued"
+                )
                 code = REQUEUE_EXIT
                 break
         path = self.save()
@@ -311,13 +396,20 @@ class Trainer:
             writer.write({"event": "end", "step": self.iteration, "exit_code": code, "checkpoint": path})
             writer.close()
         if code == 0:
-            log(f"neo: done: {self.iteration} steps in {format_duration(time.perf_counter() - run_start)}. "
-                f"Checkpoint {path}; metrics {os.path.join(cfg.logging.dir, 'metrics.jsonl')}.")
+            log(
+                f"neo: done: {self.iteration} steps in {format_duration(time.perf_counter() - run_start)}. "
+                f"Checkpoint {path}; metrics {os.path.join(cfg.logging.dir, 'metrics.jsonl')}."
+            )
             root = cfg.checkpoint_dir
-            held_out = (" ".join(cfg.data.valid_paths) if cfg.data.valid_paths
-                        else " ".join(cfg.data.train_paths) + " --split valid")
-            log(f"neo: next: python launch/generate.py {root} --prompt \"Once\" --max-new-tokens 50   (sample text)\n"
-                f"neo: next: python launch/evaluate.py {root} {held_out}   (loss, perplexity, bits per byte)")
+            held_out = (
+                " ".join(cfg.data.valid_paths)
+                if cfg.data.valid_paths
+                else " ".join(cfg.data.train_paths) + " --split valid"
+            )
+            log(
+                f'neo: next: python launch/generate.py {root} --prompt "Once" --max-new-tokens 50   (sample text)\n'
+                f"neo: next: python launch/evaluate.py {root} {held_out}   (loss, perplexity, bits per byte)"
+            )
         return code
 
     def _validate(self, writer, note: str = "") -> None:
@@ -327,8 +419,10 @@ class Trainer:
         record = {"step": self.iteration, "valid_loss": valid, "valid_ppl": math.exp(min(valid, 50.0))}
         if note:
             record["note"] = note
-        log(f"step {self.iteration:>6} | validation loss {valid:.4f} | perplexity {record['valid_ppl']:.2f}"
-            + (f" ({note})" if note else ""))
+        log(
+            f"step {self.iteration:>6} | validation loss {valid:.4f} | perplexity {record['valid_ppl']:.2f}"
+            + (f" ({note})" if note else "")
+        )
         if writer:
             writer.write(record)
 
@@ -340,7 +434,9 @@ class Trainer:
         if "loss_scale" in r:
             parts.append(f"scale {r['loss_scale']:.0f}")
         parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
-        parts.append(f"{r['tflops_per_device']:.2f} TFLOP/s" + (f" ({r['mfu']:.1%} MFU)" if "mfu" in r else ""))
+        parts.append(
+            f"{r['tflops_per_device']:.2f} TFLOP/s" + (f" ({r['mfu']:.1%} MFU)" if "mfu" in r else "")
+        )
         parts += [f"mem {r['memory_gb']:.2f} GB", f"eta {format_duration(eta)}"]
         return " | ".join(parts)
 
@@ -358,8 +454,10 @@ def train(cfg: Config) -> int:
 
     env = distributed.init()
     if env.world_size != cfg.world_size:
-        raise distributed.LaunchError(f"the config was resolved for world size {cfg.world_size} but the job has "
-                                      f"{env.world_size} processes")
+        raise distributed.LaunchError(
+            f"the config was resolved for world size {cfg.world_size} but the job has "
+            f"{env.world_size} processes"
+        )
     trainer = Trainer(cfg, env)
     if env.rank == 0:
         os.makedirs(cfg.logging.dir, exist_ok=True)

@@ -76,7 +76,11 @@ class Throughput:
         elapsed = max(now - self.start, 1e-9)
         tokens_per_s = self.steps * self.tokens_per_step / elapsed
         tflops = tokens_per_s * self.flops_per_token / self.devices / 1e12
-        out = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "step_time_s": elapsed / max(1, self.steps)}
+        out = {
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_device": tflops,
+            "step_time_s": elapsed / max(1, self.steps),
+        }
         if self.peak:
             out["mfu"] = tflops / self.peak
         self.start, self.steps = now, 0
@@ -95,8 +99,11 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("neo: logging.tensorboard is on but the tensorboard package is missing; "
-                      "pip install tensorboard (continuing without it)", flush=True)
+                print(
+                    "neo: logging.tensorboard is on but the tensorboard package is missing; "
+                    "pip install tensorboard (continuing without it)",
+                    flush=True,
+                )
             else:
                 self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 

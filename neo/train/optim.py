@@ -34,8 +34,13 @@ def fused_adamw_supported(device: torch.device) -> bool:
 def global_grad_norm(params, topo, skip: set[int] = frozenset()) -> float:
     """2-norm of all gradients of the model: TP-split parameters summed over the TP group, replicated ones
     counted once, pipeline stages summed; ``skip`` holds ids of duplicated (tied) parameters."""
-    grads = [p.grad.detach() for p in params if p.grad is not None and id(p) not in skip
-             and (getattr(p, "model_parallel", False) or topo.coord.tensor == 0)]
+    grads = [
+        p.grad.detach()
+        for p in params
+        if p.grad is not None
+        and id(p) not in skip
+        and (getattr(p, "model_parallel", False) or topo.coord.tensor == 0)
+    ]
     device = grads[0].device if grads else ("cuda" if torch.cuda.is_available() else "cpu")
     total = torch.zeros(1, dtype=torch.float32, device=device)
     if grads:  # one fused kernel per dtype, one host transfer at the end

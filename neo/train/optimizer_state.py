@@ -42,10 +42,16 @@ MASTER = "fp32"
 def _fresh_adam_state(group: dict, hp: torch.Tensor, step: int) -> dict:
     """Adam's state for ``hp`` as torch's AdamW creates it in its first step, but at ``step``."""
     on_device = group.get("fused") or group.get("capturable")
-    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 and not group.get("fused") else torch.float32
-    return {"step": torch.tensor(float(step), dtype=scalar, device=hp.device if on_device else "cpu"),
-            "exp_avg": torch.zeros_like(hp, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(hp, memory_format=torch.preserve_format)}
+    scalar = (
+        torch.float64
+        if torch.get_default_dtype() == torch.float64 and not group.get("fused")
+        else torch.float32
+    )
+    return {
+        "step": torch.tensor(float(step), dtype=scalar, device=hp.device if on_device else "cpu"),
+        "exp_avg": torch.zeros_like(hp, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(hp, memory_format=torch.preserve_format),
+    }
 
 
 def _adam_problem(optimizer) -> str | None:
@@ -110,8 +116,11 @@ class _Unfused(_TorchAdam):
 
     def __init__(self, wrapper):
         super().__init__(wrapper.optimizer)
-        self.master = {id(lp): hp for lps, hps in zip(wrapper.fp16_groups, wrapper.fp32_groups)
-                       for lp, hp in zip(lps, hps)}
+        self.master = {
+            id(lp): hp
+            for lps, hps in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+            for lp, hp in zip(lps, hps)
+        }
 
     def read(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         hp = self.master[id(p)]
@@ -184,15 +193,16 @@ class _Zero3(_Accessor):
         """Create Adam's state for each flat fp32 sub-group (ZeRO-3 makes it in the first step)."""
         w = self.wrapper
         for i, hp in enumerate(w.fp32_partitioned_groups_flat):
-            self.optimizer.state[hp] = _fresh_adam_state(self.optimizer.param_groups[w.sub_group_to_group_id[i]],
-                                                         hp, step)
+            self.optimizer.state[hp] = _fresh_adam_state(
+                self.optimizer.param_groups[w.sub_group_to_group_id[i]], hp, step
+            )
 
     def _own_slice(self, full: torch.Tensor, p: torch.nn.Parameter, topo, name: str) -> torch.Tensor:
         """This rank's partition of ``p``'s value: the flat tensor cut in equal, zero-padded slices."""
         flat = local_slice(full, p, topo, name, shape=p.ds_shape).reshape(-1).float()
         size = p.ds_tensor.numel()
         rank = dist.get_rank(group=getattr(p, "ds_process_group", None) or self.wrapper.dp_process_group)
-        part = flat[rank * size:(rank + 1) * size]
+        part = flat[rank * size : (rank + 1) * size]
         return torch.cat([part, part.new_zeros(size - part.numel())]) if part.numel() < size else part
 
     def write(self, p: torch.nn.Parameter, full: dict[str, torch.Tensor], topo, key: str) -> None:
@@ -249,8 +259,10 @@ def save(engine, folder: str, topo) -> dict | None:
                 tensors[f"{canonical_name(name)}.{kind}"] = v.detach().to("cpu", copy=True).contiguous()
     if topo.coord.data == 0:
         os.makedirs(os.path.join(folder, FOLDER), exist_ok=True)
-        save_file(tensors, os.path.join(folder, FOLDER, f"tp{topo.coord.tensor:02d}-pp{topo.coord.pipe:02d}"
-                                                        ".safetensors"))
+        save_file(
+            tensors,
+            os.path.join(folder, FOLDER, f"tp{topo.coord.tensor:02d}-pp{topo.coord.pipe:02d}.safetensors"),
+        )
     return {"step": acc.step(), "masters": any(k.endswith("." + MASTER) for k in tensors)}
 
 
@@ -271,8 +283,10 @@ def restore(engine, path: str, meta: dict, topo) -> str | None:
     for name, p in engine.module.named_parameters():
         key = canonical_name(name)
         if not reader.has(key, MOMENTS[0]):
-            raise CheckpointError(f"checkpoint {path} has no optimizer state for {key}; it does not match this "
-                                  "model. Fix: load it with checkpoint.load_weights_only: true.")
+            raise CheckpointError(
+                f"checkpoint {path} has no optimizer state for {key}; it does not match this "
+                "model. Fix: load it with checkpoint.load_weights_only: true."
+            )
         full = {k: reader.get(key, k) for k in MOMENTS}
         # the most precise weights the checkpoint has, for layouts that keep fp32 masters apart (bf16)
         full[MASTER] = reader.get(key, MASTER) if reader.has(key, MASTER) else weights.get(key)

@@ -48,5 +48,11 @@ class LRSchedule:
 
 def schedule_from_config(schedule, optimizer_cfg):
     """``fn(step) -> lr`` for the config's ``schedule`` and ``optimizer`` sections."""
-    return partial(lr_at, lr=optimizer_cfg.lr, warmup=schedule.warmup, decay=schedule.decay,
-                   decay_iters=schedule.decay_iters or schedule.iterations, min_lr=schedule.min_lr)
+    return partial(
+        lr_at,
+        lr=optimizer_cfg.lr,
+        warmup=schedule.warmup,
+        decay=schedule.decay,
+        decay_iters=schedule.decay_iters or schedule.iterations,
+        min_lr=schedule.min_lr,
+    )

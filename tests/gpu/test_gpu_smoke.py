@@ -36,8 +36,18 @@ def gpu_env() -> dict[str, str]:
 
 
 def train(tokens: str, run_dir: Path, *sets: str, nproc: int = 1, timeout: int = 600):
-    cmd = [sys.executable, TRAIN] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
+    cmd = (
+        [sys.executable, TRAIN]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            TRAIN,
+        ]
+    )
     cmd.append(TINY)
     for s in (f"data.train_paths=[{tokens}]", f"logging.dir={run_dir}", "eval.interval=0", *sets):
         cmd += ["--set", s]
@@ -50,8 +60,15 @@ def test_one_gpu_trains_and_logs_memory_and_throughput(tokens, tmp_path, dtype):
     if dtype == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip(f"{torch.cuda.get_device_name()} has no bf16")
     iterations = 60
-    rc, out = train(tokens, tmp_path, f"precision.dtype={dtype}", f"schedule.iterations={iterations}",
-                    "logging.interval=10", "optimizer.lr=2e-3", "schedule.warmup=5")
+    rc, out = train(
+        tokens,
+        tmp_path,
+        f"precision.dtype={dtype}",
+        f"schedule.iterations={iterations}",
+        "logging.interval=10",
+        "optimizer.lr=2e-3",
+        "schedule.warmup=5",
+    )
     recs = records(tmp_path)
     assert rc == 0 and end_codes(recs) == [0], out[-4000:]
     assert re.search(r"backend nccl; device cuda:0 \(", out), out[-4000:]
@@ -86,7 +103,13 @@ def test_more_ranks_than_gpus_is_a_clear_error(tokens, tmp_path):
 
 
 def test_smoke_script_passes(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "smoke.sh")], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(gpu_env(), NEO_SMOKE_DIR=str(tmp_path)), timeout=1200)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "smoke.sh")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(gpu_env(), NEO_SMOKE_DIR=str(tmp_path)),
+        timeout=1200,
+    )
     assert proc.returncode == 0 and "all checks passed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count("PASS ") >= 5

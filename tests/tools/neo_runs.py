@@ -15,8 +15,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "ds_configs" / "models" / "tiny.yml")
 # Variables a launcher (or an enclosing SLURM job) sets; a test starts from none of them.
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
-               "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE", "OMP_NUM_THREADS")
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "OMP_NUM_THREADS",
+)
 LAUNCH_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "TORCHELASTIC_", "PMI_", "OMPI_")
 
 
@@ -24,15 +34,24 @@ def make_tokens(folder: Path) -> str:
     """Tokenize the bundled sample corpus with neo's own CLI; returns the .bin/.idx prefix."""
     prefix = folder / "sample"
     if not Path(str(prefix) + ".idx").exists():
-        subprocess.run([sys.executable, str(ROOT / "launch" / "preprocess.py"),
-                        str(ROOT / "data" / "sample" / "austen.jsonl.gz"), "--output", str(prefix)],
-                       check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "launch" / "preprocess.py"),
+                str(ROOT / "data" / "sample" / "austen.jsonl.gz"),
+                "--output",
+                str(prefix),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     return str(prefix)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
     env.update(PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
     env.update(extra)
     return env

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from neo.errors import ConfigError  # noqa: F401 - re-exported: part of this module's API
 from neo.model.args import ModelArgs
 
 
@@ -155,18 +156,6 @@ class Config:
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or os.path.join(self.logging.dir, "checkpoints")
-
-
-class ConfigError(ValueError):
-    """Everything wrong with a config, one problem per line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(f"  - {p}" for p in problems))
-
-    def __str__(self) -> str:
-        n = len(self.problems)
-        return f"config has {n} problem{'s' * (n != 1)}:\n" + super().__str__()
 
 
 # --------------------------------------------------------------------------- loading and merging

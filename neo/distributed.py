@@ -25,9 +25,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-
-class LaunchError(RuntimeError):
-    """The environment does not describe a runnable job; the message says why and what to do."""
+from neo.errors import LaunchError  # noqa: F401 - re-exported: part of this module's API
 
 
 @dataclass

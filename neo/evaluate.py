@@ -29,12 +29,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from neo.errors import EvalError  # noqa: F401 - re-exported: part of this module's API
+
 OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 JSONL = (".jsonl", ".json", ".ndjson")
-
-
-class EvalError(ValueError):
-    """An input that cannot be evaluated; the message names the file and the fix."""
 
 
 @dataclass

@@ -27,11 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from neo.errors import GenerationError  # noqa: F401 - re-exported: part of this module's API
 from neo.model.layers import Context, KVCache
-
-
-class GenerationError(ValueError):
-    """A generation request that cannot be served; the message says which setting to change."""
 
 
 @dataclass

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from neo.errors import DataError  # noqa: F401 - re-exported: part of this module's API
+
 VERSION = 1
 IDX_MAGIC, BIN_MAGIC = b"NEOIDX\x00\x00", b"NEOBIN\x00\x00"
 IDX_HEADER, BIN_HEADER = 4096, 32
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-
-
-class DataError(ValueError):
-    """Unusable data (a bad input or a broken .bin/.idx pair); the message names the file and the fix."""
 
 
 def dtype_for(vocab_size: int) -> np.dtype:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import tiktoken
 
+from neo.errors import TokenizerError  # noqa: F401 - re-exported: part of this module's API
+
 ENDOFTEXT = "<|endoftext|>"
 
 # Pre-tokenization patterns and special tokens, as in tiktoken_ext/openai_public.py (MIT).
@@ -68,10 +70,6 @@ _PACKAGED = {
 # A local rank file whose sha256 is one of these *is* that encoding (its name, pattern, specials).
 _KNOWN_RANK_FILES = {_R50K_SHA: "r50k_base", _CL100K_SHA: "cl100k_base", _O200K_SHA: "o200k_base"}
 NAMES = tuple(_PACKAGED)
-
-
-class TokenizerError(RuntimeError):
-    """A tokenizer that cannot be loaded; the message says what to install or fix."""
 
 
 @dataclass(frozen=True)

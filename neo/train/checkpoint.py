@@ -32,14 +32,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import neo
+from neo.errors import CheckpointError  # noqa: F401 - re-exported: part of this module's API
 from neo.parallel import random as tp_random
 
 TAG_RE = re.compile(r"^iter_(\d{8,})$")
 META = "neo.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and what to do."""
 
 
 def tag_for(iteration: int) -> str:

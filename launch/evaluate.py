@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from neo.checkpoint import CheckpointError
     from neo.data.indexed import DataError
     from neo.data.tokenizer import TokenizerError
     from neo.evaluate import EvalError, EvalResult, evaluate_path, format_table, token_byte_lengths
     from neo.generate import GenerationError, Generator
-    from neo.train.checkpoint import CheckpointError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _checkpoint_split(path: str) -> str | None:
     """The data.split the checkpoint was trained with, so 'valid' means the documents it held out."""
-    from neo.train.checkpoint import read_meta, resolve
+    from neo.checkpoint import read_meta, resolve
 
     try:
         return read_meta(resolve(path)).get("config", {}).get("data", {}).get("split")

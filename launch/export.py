@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from neo.checkpoint import CheckpointError
     from neo.export.hf import export_checkpoint, import_hf
-    from neo.train.checkpoint import CheckpointError
 
     try:
         if args.from_hf:

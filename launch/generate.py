@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from neo.checkpoint import CheckpointError
     from neo.data.tokenizer import TokenizerError
     from neo.generate import GenerationError, Generator, generate_text
-    from neo.train.checkpoint import CheckpointError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = (

@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if env.rank == 0:
         print("neo: resolved config\n" + to_yaml(cfg), flush=True)
 
+    from neo.checkpoint import CheckpointError
     from neo.data.indexed import DataError
     from neo.data.tokenizer import TokenizerError
-    from neo.train.checkpoint import CheckpointError
     from neo.train.loop import train
 
     try:

@@ -199,17 +199,6 @@ def forward_last(model: torch.nn.Module, tokens: torch.Tensor, ctx: Context) -> 
 # ------------------------------------------------------------------------------------------- generator
 
 
-def resolve_checkpoint(path: str) -> str:
-    """``path`` itself, or ``path/checkpoints`` when ``path`` is a run's logging dir (runs/quickstart):
-    the folder a user has in mind after training is the run's, not the checkpoint dir inside it."""
-    from neo.train.checkpoint import META, find_latest
-
-    inner = os.path.join(path, "checkpoints")
-    if not os.path.isfile(os.path.join(path, META)) and find_latest(path) is None and find_latest(inner):
-        return inner
-    return path
-
-
 class _StopScanner:
     """Finds stop strings in a row's growing text by scanning only the bytes a new token could complete."""
 
@@ -272,10 +261,10 @@ class Generator:
         cls, path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs
     ) -> Generator:
         """Load a checkpoint folder (or a checkpoint dir: its newest) saved with any tp/pp layout."""
+        from neo.checkpoint import load_model, resolve_run_or_checkpoint
         from neo.data.tokenizer import load_tokenizer
-        from neo.train.checkpoint import load_model
 
-        model, _, meta = load_model(resolve_checkpoint(path), device=device, dtype=dtype)
+        model, _, meta = load_model(resolve_run_or_checkpoint(path), device=device, dtype=dtype)
         spec = meta.get("tokenizer_spec") or meta.get("tokenizer")
         if not spec:
             raise GenerationError(f"checkpoint {path} does not record its tokenizer")

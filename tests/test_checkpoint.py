@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, _env, run_training
 
-from neo.train.checkpoint import load_full_weights
+from neo.checkpoint import load_full_weights
 
 STEPS = 12
 COMMON = (

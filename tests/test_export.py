@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, run_training
 
-from neo.train.checkpoint import load_full_weights, load_model
+from neo.checkpoint import load_full_weights, load_model
 
 pytest.importorskip("transformers", reason="transformers is in the test extra: pip install -e .[test]")
 

@@ -205,7 +205,7 @@ def _hf_greedy(model: GPT, state: dict, prompts: list[list[int]], new: int, voca
 
 
 def test_greedy_equals_transformers_on_the_trained_checkpoint(trained, checkpoint):
-    from neo.train.checkpoint import load_full_weights
+    from neo.checkpoint import load_full_weights
 
     state, _ = load_full_weights(str(checkpoint))
     prompts = [trained.encode_prompt(p) for p in PROMPTS]

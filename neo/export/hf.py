@@ -181,7 +181,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype | None =
     checkpoint of any tp/pp layout. Written to a temporary folder and renamed when complete."""
     from safetensors.torch import save_file
 
-    from neo.train.checkpoint import load_full_weights
+    from neo.checkpoint import load_full_weights
 
     state, meta = load_full_weights(checkpoint)
     args = ModelArgs(**meta["model"])

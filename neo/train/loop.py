@@ -16,12 +16,16 @@ import torch
 import torch.distributed as dist
 
 from neo import config as neo_config
+from neo.checkpoint import load as ckpt_load
+from neo.checkpoint import optimizer_state
+from neo.checkpoint import save as ckpt_save
+from neo.checkpoint.layout import find_latest, resolve
+from neo.checkpoint.tensors import check_compatible
 from neo.config import Config
+from neo.errors import CheckpointError
 from neo.model.gpt import GPT, flops_per_token, parameter_count, pipeline_module
 from neo.parallel import random as tp_random
 from neo.parallel.topology import Topology
-from neo.train import checkpoint as ckpt
-from neo.train import optimizer_state
 from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb, peak_tflops
 from neo.train.optim import (
     ClippingAdamW,
@@ -124,7 +128,7 @@ class Trainer:
         if self.load and cfg.model.vocab_size is None:  # keep the saved padding (it grows with tp)
             vocab = int(self.load.meta["model"]["vocab_size"])
             if vocab % cfg.parallel.tp:
-                raise ckpt.CheckpointError(
+                raise CheckpointError(
                     f"checkpoint {self.load.path} has vocab_size {vocab}, not divisible by "
                     f"parallel.tp = {cfg.parallel.tp}. Fix: choose a tp that divides it."
                 )
@@ -148,9 +152,9 @@ class Trainer:
             )
             tied = set()
         if self.load:
-            ckpt.check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path)
+            check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path)
             if self.load.mode != "resume":  # before DeepSpeed copies the weights into its fp32 masters
-                ckpt.copy_weights_into(model, self.load.path, self.topo)
+                ckpt_load.copy_weights_into(model, self.load.path, self.topo)
         groups = param_groups(model, cfg.optimizer.weight_decay)
         adam = dict(
             lr=cfg.optimizer.lr,
@@ -199,21 +203,21 @@ class Trainer:
     def _layout(self) -> dict:
         return {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "zero": self.cfg.zero.stage}
 
-    def _plan_load(self) -> ckpt.LoadPlan | None:
+    def _plan_load(self) -> ckpt_load.LoadPlan | None:
         """What to start from: the newest checkpoint of this run, else ``checkpoint.load``, else nothing."""
         c = self.cfg.checkpoint
-        path = ckpt.find_latest(self.cfg.checkpoint_dir) if c.resume else None
+        path = find_latest(self.cfg.checkpoint_dir) if c.resume else None
         weights_only = False
         if path is None and c.load:
-            path, weights_only = ckpt.resolve(c.load), c.load_weights_only
+            path, weights_only = resolve(c.load), c.load_weights_only
         if path is None:
             return None
-        return ckpt.plan_load(path, self._layout(), weights_only)
+        return ckpt_load.plan_load(path, self._layout(), weights_only)
 
     def _finish_load(self) -> None:
         plan, meta = self.load, self.load.meta
         if plan.mode == "resume":
-            ckpt.load(self.engine, plan.path)
+            ckpt_load.load(self.engine, plan.path)
         if plan.mode != "weights":
             self.iteration, self.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
             if (
@@ -232,7 +236,7 @@ class Trainer:
             "tokenizer": self.tokenizer.name,
             "tokenizer_spec": self.cfg.data.tokenizer,
         }
-        path = ckpt.save(
+        path = ckpt_save.save(
             self.engine,
             self.cfg.checkpoint_dir,
             self.iteration,

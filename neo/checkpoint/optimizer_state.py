@@ -32,7 +32,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from neo.train.checkpoint import CheckpointError, ShardedTensors, canonical_name, local_slice
+from neo.checkpoint.layout import canonical_name, shard_file
+from neo.checkpoint.tensors import ShardedTensors, local_slice
+from neo.errors import CheckpointError
 
 FOLDER = "optim"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -259,10 +261,7 @@ def save(engine, folder: str, topo) -> dict | None:
                 tensors[f"{canonical_name(name)}.{kind}"] = v.detach().to("cpu", copy=True).contiguous()
     if topo.coord.data == 0:
         os.makedirs(os.path.join(folder, FOLDER), exist_ok=True)
-        save_file(
-            tensors,
-            os.path.join(folder, FOLDER, f"tp{topo.coord.tensor:02d}-pp{topo.coord.pipe:02d}.safetensors"),
-        )
+        save_file(tensors, os.path.join(folder, shard_file(FOLDER, topo.coord.tensor, topo.coord.pipe)))
     return {"step": acc.step(), "masters": any(k.endswith("." + MASTER) for k in tensors)}
 
 

@@ -1,0 +1,133 @@
+"""Reading neo's tensor files: full (unsplit) tensors from the shards of any tp/pp layout, and a model.
+
+Weights live in ``weights/tp{t}-pp{p}.safetensors`` under the plain model's parameter names; ``neo.json``
+records which dimension each tensor-parallel parameter was split along. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors import safe_open
+
+from neo.checkpoint.layout import resolve, shard_file
+from neo.checkpoint.manifest import read_meta, verify
+from neo.errors import CheckpointError
+
+
+class ShardedTensors:
+    """Full (unsplit) tensors of one kind of neo file in a checkpoint, ``weights/`` or ``optim/``, read one
+    at a time: TP shards concatenated along the split the checkpoint recorded, the first pipeline stage that
+    holds a name wins (a tied weight is on the first and the last stage, with the same values)."""
+
+    def __init__(self, path: str, meta: dict, folder: str):
+        layout = meta.get("layout", {})
+        tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
+        self.path, self.splits = path, meta.get("tp_split", {})
+        self.files: dict[str, list[str]] = {}  # tensor key -> its shard files, tensor rank order
+        for stage in range(pp):
+            files = [os.path.join(path, shard_file(folder, t, stage)) for t in range(tp)]
+            for file in files:
+                if not os.path.isfile(file):
+                    raise CheckpointError(
+                        f"checkpoint {path} lacks {os.path.relpath(file, path)} (saved with "
+                        f"tp={tp} pp={pp}). Fix: load an earlier checkpoint."
+                    )
+            for key in self._read(files[0], lambda f: list(f.keys())):
+                self.files.setdefault(key, files)
+
+    def _read(self, file: str, fn):
+        try:
+            with safe_open(file, framework="pt") as f:
+                return fn(f)
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            raise CheckpointError(f"{file} is unreadable ({e}); the checkpoint is corrupt.") from None
+
+    @staticmethod
+    def _key(name: str, kind: str | None) -> str:
+        return name if kind is None else f"{name}.{kind}"
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def has(self, name: str, kind: str | None = None) -> bool:
+        return self._key(name, kind) in self.files
+
+    def get(self, name: str, kind: str | None = None) -> torch.Tensor:
+        """The full tensor of parameter ``name`` (``kind``: e.g. ``exp_avg`` in ``optim/``; None in ``weights/``)."""
+        key = self._key(name, kind)
+        files = self.files[key]
+        dim = self.splits.get(name)
+        if dim is None:
+            return self._read(files[0], lambda f: f.get_tensor(key))
+        shards = [self._read(file, lambda f: f.get_tensor(key)) for file in files]
+        return torch.cat(shards, dim=dim) if len(shards) > 1 else shards[0]
+
+
+def local_slice(full: torch.Tensor, p: torch.nn.Parameter, topo, name: str, shape=None) -> torch.Tensor:
+    """This tensor-parallel rank's part of checkpoint tensor ``name`` for parameter ``p`` (split along
+    ``tp_split_dim``). ``shape``: the local shape to expect when ``p`` no longer has it (ZeRO-3 partitions it)."""
+    dim = getattr(p, "tp_split_dim", None)
+    part = full.chunk(topo.tp, dim=dim)[topo.coord.tensor] if dim is not None else full
+    want = tuple(shape if shape is not None else p.shape)
+    if tuple(part.shape) != want:
+        raise CheckpointError(
+            f"checkpoint tensor {name} has shape {tuple(full.shape)}, {tuple(part.shape)} for this "
+            f"rank; the model expects {want}: the checkpoint does not match this model."
+        )
+    return part
+
+
+def load_full_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The unsplit model weights of checkpoint ``path`` (TP shards concatenated, PP stages joined)."""
+    path = resolve(path)
+    meta = read_meta(path)
+    verify(path, meta)
+    weights = ShardedTensors(path, meta, "weights")
+    return {name: weights.get(name) for name in weights.names()}, meta
+
+
+def _shape(model: dict) -> dict:
+    """What makes two models' weights interchangeable (defaults like ffn_hidden_size=None resolved)."""
+    from neo.model.args import ModelArgs
+
+    a = ModelArgs(**model)
+    keys = ("n_layers", "hidden_size", "n_heads", "ffn_size", "vocab_size", "position_embedding", "rotary_dim",
+            "parallel_residual", "norm", "activation", "tie_embeddings")  # fmt: skip
+    shape = {k: getattr(a, k) for k in keys}
+    if a.position_embedding == "learned":
+        shape["max_positions"] = a.max_positions
+    return shape
+
+
+def check_compatible(meta: dict, model: dict, path: str) -> None:
+    """Refuse a checkpoint of another model shape."""
+    saved, now = _shape(meta.get("model", {})), _shape(model)
+    diffs = [f"model.{k}: saved {saved[k]!r}, now {now[k]!r}" for k in saved if saved[k] != now.get(k)]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} holds a different model shape: {'; '.join(diffs)}. "
+            "Fix: use the model config it was trained with."
+        )
+
+
+def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A plain (tp = 1, pp = 1) ``GPT`` with the weights of checkpoint ``path``, in eval mode.
+
+    Returns (model, ModelArgs, meta). Works for any tp/pp/dp/ZeRO layout the checkpoint was saved with.
+    """
+    from neo.model.args import ModelArgs
+    from neo.model.gpt import GPT
+
+    state, meta = load_full_weights(path)
+    args = ModelArgs(**meta["model"])
+    model = GPT(args)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not match its recorded model shape: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model.eval(), args, meta

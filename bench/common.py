@@ -66,15 +66,6 @@ def build_trainer(cfg, env):
 BENCH_SETTINGS = ["checkpoint.resume=false", "batch.grad_accum=1"]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now: each bench job gets its own MASTER_PORT, so two runs never clash."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def fused_adamw(enabled: bool = True):
     """While active, every ``torch.optim.AdamW`` built (neo's Trainer's included) defaults to ``fused=True``.

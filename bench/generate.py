@@ -33,11 +33,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import neo  # noqa: E402,F401 - before torch, as neo's entry points: sets THP_MEM_ALLOC_ENABLE
-from bench.common import DEFAULT_MODEL, environment, markdown_table, write_record  # noqa: E402
+from common import DEFAULT_MODEL, environment, markdown_table, write_record
+
+import neo  # noqa: F401 - before torch, as neo's entry points: sets THP_MEM_ALLOC_ENABLE
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -32,16 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
 
-from bench import common  # noqa: E402
+from neo.distributed import free_port
 
 CATEGORIES = ("params", "grads", "master", "adam", "buffers")
 
@@ -226,7 +224,7 @@ def run_case(case: dict) -> dict:
     exit_error = None
     with tempfile.TemporaryDirectory(prefix="neo-memory-") as tmp:
         try:
-            mp.spawn(worker, args=(case, common.free_port(), tmp), nprocs=world, join=True)
+            mp.spawn(worker, args=(case, free_port(), tmp), nprocs=world, join=True)
         except Exception as e:  # noqa: BLE001 - a failing layout is a result to record, not the end of the run
             exit_error = (str(e).strip() or traceback.format_exc())[-3000:]
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]

@@ -23,8 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, command_line, environment, markdown_table, write_record  # noqa: E402
+from common import ROOT, command_line, environment, markdown_table, write_record
 
 # Byte-level tokens (vocabulary 257, padded to 384) keep the output layer small, so the two stages
 # ("type:Block": 4 blocks each) do about the same work and the bubble is what the table shows. With

@@ -15,11 +15,9 @@ Writes bench/results/preprocess-<date>.md and .json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gzip
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -30,10 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, environment, write_record
 
-from neo.data.tokenizer import load_tokenizer  # noqa: E402
+from neo.data.tokenizer import load_tokenizer
 
 SAMPLE = ROOT / "data" / "sample" / "austen.jsonl.gz"
 
@@ -137,15 +134,6 @@ def idle_share(seconds: float = 3.0) -> float:
     return round((b[0] - a[0]) / max(b[1] - a[1], 1), 2)
 
 
-def cpu_model() -> str:
-    try:
-        return next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -224,28 +212,18 @@ def main() -> None:
             "base_peak_rss_mb": round(by["preprocess.py --workers 2"]["peak_rss_mb"]),
         }
     shutil.rmtree(tmp, ignore_errors=True)
+    env = environment()
+    env["hardware"]["cpu_idle_before_after"] = [idle_before, idle_share()]
+    env["versions"].update(tiktoken=tiktoken.__version__, numpy=numpy.__version__)
     record = {
         "benchmark": "preprocess",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **env,
         "input": {
             "path": str(path),
             "mb": round(mb, 1),
             "documents": n_docs,
             "tokens": tokens.pop(),
             "generated_from_sample": not args.input,
-        },
-        "hardware": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "machine": platform.machine(),
-            "cpu_idle_before_after": [idle_before, idle_share()],
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "tiktoken": tiktoken.__version__,
-            "numpy": numpy.__version__,
-            "neo": _git_rev(),
         },
         "rounds": args.rounds,
         "results": rows,
@@ -256,35 +234,21 @@ def main() -> None:
             >= by["encode_ordinary_batch, 1 thread"]["tokens_per_s"],
         },
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"preprocess-{record['date'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(record))
-    print(_markdown(record))
-    print(f"wrote {stem}.md and .json")
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
+    json_path, md_path = write_record("preprocess", record, _markdown(record), args.results)
+    print(md_path.read_text())
+    print(f"wrote {md_path} and {json_path.name}")
 
 
 def _markdown(r: dict) -> str:
     lines = [
         f"# preprocess benchmark, {r['date']}",
         "",
-        f"- command: `{r['command']}`",
+        "{environment}",
         f"- input: {r['input']['mb']} MB JSONL, {r['input']['documents']:,} documents, {r['input']['tokens']:,} "
         f"gpt2 tokens ({'generated from data/sample' if r['input']['generated_from_sample'] else r['input']['path']})",
-        f"- hardware: {r['hardware']['cpu']}, {r['hardware']['cores']} cores ({r['hardware']['machine']}); "
-        "CPU idle in the 3 s before/after: {:.0%} / {:.0%} (other work on the machine skews the ratios)".format(
+        "- CPU idle in the 3 s before/after: {:.0%} / {:.0%} (other work on the machine skews the ratios)".format(
             *r["hardware"]["cpu_idle_before_after"]
         ),
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
         f"- median of {r['rounds']} interleaved rounds; preprocess seconds are its own timer (after start-up "
         "and tokenizer load, as for the loops); wall includes the interpreter start-up",
         "",

@@ -45,11 +45,8 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import neo  # noqa: E402,F401 - before torch, as neo's entry points: sets THP_MEM_ALLOC_ENABLE
+import neo  # noqa: F401 - before torch, as neo's entry points: sets THP_MEM_ALLOC_ENABLE
 
 # Thresholds from the issue: neo >= 1.0x transformers; DeepSpeed's step <= 10% slower than the plain loop.
 TARGET_VS_HF = 1.0
@@ -236,7 +233,7 @@ def hf_forward(model, tokens, labels):
 
 def deepspeed_step(cfg, env, batches):
     """neo's own step: ``Trainer.train_step`` of a real Trainer (see ``common.build_trainer``)."""
-    from bench.common import build_trainer
+    from common import build_trainer
 
     trainer = build_trainer(cfg, env)
     return lambda: trainer.train_step(batches)
@@ -247,8 +244,8 @@ def deepspeed_step(cfg, env, batches):
 
 def start_one_rank(device_kind: str):
     """Make this process rank 0 of a one-process job and start DeepSpeed's process group via neo."""
-    from bench.common import free_port
     from neo import distributed
+    from neo.distributed import free_port
 
     os.environ.update(
         RANK="0",
@@ -381,9 +378,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: neo then picks gloo and the CPU
+    import common
     import torch
-
-    from bench import common
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
@@ -588,7 +584,7 @@ def summarise(args, variants: list[Variant], tokens_per_step: int, fpt: float, t
 
 
 def markdown(r: dict) -> str:
-    from bench import common
+    import common
 
     c = r["config"]
     m = c["neo"]["model"]

@@ -40,7 +40,8 @@ class DistEnv:
     note: str = ""  # something the user should know about how the environment was read
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on now (bound to port 0, then released): for rendezvous and tests."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -162,7 +163,7 @@ def read_env(environ=None) -> DistEnv:
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         result = _from_slurm_step(env)
     else:
-        result = DistEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+        result = DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single")
         ntasks = env.get("SLURM_NTASKS")
         if ntasks and ntasks != "1" and "SLURM_JOB_ID" in env:
             result.note = (

@@ -64,6 +64,10 @@ class LaunchError(NeoError):
     """The environment does not describe a runnable job; the message says why and what to do."""
 
 
+class ExportError(NeoError):
+    """A model that cannot be written in (or read from) another library's format exactly."""
+
+
 class UsageError(NeoError):
     """Bad command-line input."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, _env, run_training
+from runs import ROOT, TINY, clean_env, run_training
 
 from neo.checkpoint import load_full_weights
 
@@ -73,7 +73,7 @@ def start(run_dir: Path, *overrides: str, nproc: int = 1) -> subprocess.Popen:
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=_env(),
+        env=clean_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

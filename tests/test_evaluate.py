@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from runs import clean_env
 
 from neo.data.indexed import IndexedTokens
 from neo.data.tokenizer import load_tokenizer
@@ -44,12 +44,7 @@ DOCS = [
 
 
 def _env() -> dict:
-    env = dict(
-        os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1"
-    )
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
+    return clean_env(HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
@@ -266,13 +261,13 @@ def test_cli_bad_input_is_one_line(checkpoint, tmp_path, capsys, args, message):
     assert launcher("evaluate").main([str(checkpoint), *args]) == 2
     out, err = capsys.readouterr()
     last = err.splitlines()[-1]
-    assert out == "" and err.count("neo evaluate: error: ") == 1 and last.startswith("neo evaluate: error: ")
+    assert out == "" and err.count("neo-evaluate: error: ") == 1 and last.startswith("neo-evaluate: error: ")
     assert message in last, err
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):
     assert launcher("evaluate").main([str(tmp_path / "x"), "a.txt"]) == 2
-    assert capsys.readouterr().err == f"neo evaluate: error: checkpoint {tmp_path / 'x'} does not exist\n"
+    assert capsys.readouterr().err == f"neo-evaluate: error: checkpoint {tmp_path / 'x'} does not exist\n"
 
 
 # ---------------------------------------------------------------------------------------------- lm-eval

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_training
+from runs import ROOT, run_training
 
 from neo.checkpoint import load_full_weights, load_model
+from neo.errors import UsageError
 
 pytest.importorskip("transformers", reason="transformers is in the test extra: pip install -e .[test]")
 
@@ -116,5 +117,5 @@ def test_export_refuses_a_non_empty_output_and_explains_tied_models(tmp_path, sa
     result = export_checkpoint(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "hf"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and result["tokenizer"]
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(UsageError, match="not empty"):
         export_checkpoint(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "hf"))

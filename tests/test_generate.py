@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from runs import clean_env
 
 from neo.data.tokenizer import load_tokenizer
 from neo.generate import (
@@ -48,10 +48,7 @@ GREEDY = SamplingParams(max_new_tokens=24, greedy=True, stop_at_eod=False)
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
+    return clean_env(OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +458,7 @@ def test_cli_bad_input_is_one_line(checkpoint, tmp_path, capsys, args, message):
     assert launcher("generate").main([str(checkpoint), *args]) == 2
     out, err = capsys.readouterr()
     last = err.splitlines()[-1]  # errors found after loading follow the "loaded" log line
-    assert out == "" and err.count("neo generate: error: ") == 1 and last.startswith("neo generate: error: ")
+    assert out == "" and err.count("neo-generate: error: ") == 1 and last.startswith("neo-generate: error: ")
     assert message in last, err
 
 
@@ -469,7 +466,7 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
     main = launcher("generate").main
     assert main([str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
     assert (
-        capsys.readouterr().err == f"neo generate: error: checkpoint {tmp_path / 'nowhere'} does not exist\n"
+        capsys.readouterr().err == f"neo-generate: error: checkpoint {tmp_path / 'nowhere'} does not exist\n"
     )
     assert main([str(tmp_path), "--prompt", "x"]) == 2
     err = capsys.readouterr().err

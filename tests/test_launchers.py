@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tools.neo_runs import ROOT, TINY, checkpoints, clean_env, end_codes, losses, make_tokens, records
+from runs import ROOT, TINY, checkpoints, clean_env, end_codes, losses, make_tokens, records
 
-from neo.distributed import DistEnv, LaunchError, _free_port, read_env, slurm_port, tasks_on_node
+from neo.distributed import DistEnv, LaunchError, free_port, read_env, slurm_port, tasks_on_node
 
 TRAIN = str(ROOT / "launch" / "train.py")
 ITERATIONS = 6
@@ -190,14 +190,14 @@ def test_deepspeed_launcher_two_processes_on_cpu(tokens, tmp_path, torchrun_loss
     assert launcher, "the deepspeed launcher script is installed with the deepspeed package"
     # --num_gpus N starts N ranks on the CPU accelerator too; a free port: 29500 may be taken
     rc, out = run(
-        [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN, *neo_args(tokens, tmp_path)]
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *neo_args(tokens, tmp_path)]
     )
     assert check_finished(rc, out, tmp_path, 2, "deepspeed") == pytest.approx(torchrun_losses, rel=1e-5)
 
 
 @pytest.mark.multiproc
 def test_rank_and_world_size_set_by_hand(tokens, tmp_path, torchrun_losses):
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, TRAIN, *neo_args(tokens, tmp_path)],

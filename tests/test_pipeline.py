@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import BF16_FIRST_STEPS, run_training
+from runs import BF16_FIRST_STEPS, run_training
 
 pytestmark = pytest.mark.multiproc
 

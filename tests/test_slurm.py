@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from runs import ROOT, TINY, checkpoints, clean_env, end_codes, make_tokens, records, steps
 from slurm_cluster import FINAL_STATES, LocalSlurm, unavailable_reason
-from tools.neo_runs import ROOT, TINY, checkpoints, clean_env, end_codes, make_tokens, records, steps
 
 from neo.distributed import DistEnv, slurm_port
 
@@ -121,7 +121,6 @@ def test_rank_and_world_come_from_the_srun_step_not_the_batch_step(cluster, tmp_
     probe = tmp_path / "probe.py"
     probe.write_text(f"""\
 import dataclasses, json, os, sys
-sys.path.insert(0, {str(ROOT)!r})
 from neo.distributed import read_env, slurm_hostnames
 out = dict(env=dataclasses.asdict(read_env()), hosts=slurm_hostnames("gpu[07-09],login1"))
 name = sys.argv[1] + "-" + os.environ["SLURM_PROCID"] + ".json"

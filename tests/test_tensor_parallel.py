@@ -232,7 +232,7 @@ def rel_curve(a: list[float], b: list[float]) -> float:
 
 @pytest.fixture(scope="module")
 def tp_reference(sample_tokens, tmp_path_factory):
-    from conftest import run_training
+    from runs import run_training
 
     return run_training(
         tmp_path_factory.mktemp("tp_ref"),
@@ -246,7 +246,7 @@ def tp_reference(sample_tokens, tmp_path_factory):
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_tp2_training_equals_single_process(tp_reference, sample_tokens, tmp_path, zero):
     """tp = 2 on 2 processes gives the tp = 1 loss curve (fp32, 1e-4 relative), with each ZeRO stage."""
-    from conftest import run_training
+    from runs import run_training
 
     run = run_training(
         tmp_path,
@@ -265,7 +265,7 @@ def test_tp2_training_equals_single_process(tp_reference, sample_tokens, tmp_pat
 
 def test_tp2_dp2_equals_single_process(tp_reference, sample_tokens, tmp_path):
     """4 processes, tp = 2 x dp = 2 with ZeRO-1, train the single-process curve (the same global batch of 8)."""
-    from conftest import run_training
+    from runs import run_training
 
     tp2dp2 = run_training(
         tmp_path,
@@ -283,7 +283,7 @@ def test_tp2_dp2_equals_single_process(tp_reference, sample_tokens, tmp_path):
 
 def test_tp2_bf16_close_to_fp32(tp_reference, sample_tokens, tmp_path):
     """bf16 with tp = 2 follows the fp32 curve within 2% (bf16 keeps 8 mantissa bits)."""
-    from conftest import BF16_FIRST_STEPS, run_training
+    from runs import BF16_FIRST_STEPS, run_training
 
     run = run_training(
         tmp_path,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import BF16_FIRST_STEPS, run_training
+from runs import BF16_FIRST_STEPS, run_training
 
 STEPS = 10
 COMMON = (

@@ -14,7 +14,6 @@ with `\\r\\n` and `\\r` read as `\\n`, as Python's text mode does. Each document
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import glob
 import gzip
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .indexed import DataError, IndexedTokensWriter
-from .tokenizer import NAMES, TokenizerError, load_tokenizer
+from .tokenizer import load_tokenizer
 
 CHUNK_BYTES = 1 << 19
 OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -391,7 +390,7 @@ def _results(chunks: Iterator[Chunk], workers: int, init: tuple) -> Iterator[tup
 # -------------------------------------------------------------------------------------- progress
 
 
-def _si(x: float, unit: str = "") -> str:
+def si_units(x: float, unit: str = "") -> str:
     """1234567 -> '1.23 M' (+ unit glued on: 'MB'); the unit is separated when it is a word."""
     sep = " " if unit[:1].islower() else ""
     for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -418,8 +417,8 @@ class Progress:
             if frac > 0:
                 eta = f" | ETA {time.strftime('%H:%M:%S', time.gmtime(dt * (1 - frac) / frac))}"
         return (
-            f"{head}{s.docs:,} docs, {_si(s.bytes, 'B')}, {_si(s.tokens, 'tokens')} | "
-            f"{_si(s.docs / dt, 'docs/s')}, {_si(s.bytes / dt, 'B/s')}, {_si(s.tokens / dt, 'tokens/s')}{eta}"
+            f"{head}{s.docs:,} docs, {si_units(s.bytes, 'B')}, {si_units(s.tokens, 'tokens')} | "
+            f"{si_units(s.docs / dt, 'docs/s')}, {si_units(s.bytes / dt, 'B/s')}, {si_units(s.tokens / dt, 'tokens/s')}{eta}"
         )
 
     def update(self, s: Stats, pos: int, final: bool = False) -> None:
@@ -500,97 +499,3 @@ def preprocess(
     if shown > MAX_SHOWN:
         progress.message(f"({shown - MAX_SHOWN} more warnings not shown)")
     return stats
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python launch/preprocess.py",
-        description="Tokenize text into <output>.bin (token ids) + <output>.idx (document index) for training. "
-        "Each document is followed by the end-of-document token.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""inputs (types chosen by extension; .gz/.bz2/.xz compressed files are streamed):
-  *.jsonl, *.json, *.ndjson   JSON lines; the document is the --text-key field
-  *.txt, *.text, *.md         plain text; one document per file, or per paragraph (--text-mode)
-  *.parquet                   the --text-key column
-  *.csv, *.tsv, *.arrow       read with HF datasets
-  DIR                         its files of the types above (recursively), or a save_to_disk dataset
-  hf:NAME                     a Hugging Face hub dataset (needs network), with --split/--hf-config
-
-bad lines (invalid UTF-8, not JSON, missing key, empty) are reported with file:line, counted and
-skipped; --strict stops at the first one. Outputs are written under temporary names and renamed
-at the end, so an interrupted run never leaves a pair that looks complete.
-
-example:
-  python launch/preprocess.py data/sample/austen.jsonl.gz --output data/tokens/sample --tokenizer gpt2""",
-    )
-    p.add_argument("inputs", nargs="+", help="files, directories, glob patterns or hf:NAME")
-    p.add_argument("--output", "-o", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
-    p.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        help=f"{' | '.join(NAMES)} | path to a .tiktoken file | dir with encoder.json + vocab.bpe "
-        "(default: gpt2)",
-    )
-    p.add_argument("--text-key", default="text", help="JSON key / column holding the text (default: text)")
-    p.add_argument(
-        "--format",
-        dest="fmt",
-        default="auto",
-        choices=["auto", "jsonl", "text", "parquet", "hf"],
-        help="input type, when the file extension does not say (default: auto)",
-    )
-    p.add_argument(
-        "--text-mode",
-        default="file",
-        choices=["file", "paragraph"],
-        help="plain text: one document per file, or per blank-line-separated paragraph (default: file)",
-    )
-    p.add_argument("--split", default="train", help="split of a dataset dict or hub dataset (default: train)")
-    p.add_argument("--hf-config", default=None, help="configuration name of a hub dataset")
-    p.add_argument("--workers", "-j", type=int, default=None, help="tokenizer processes (default: all cores)")
-    p.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
-    p.add_argument(
-        "--log-interval",
-        type=float,
-        default=None,
-        help="seconds between progress lines (default: 0.5 on a terminal, 10 otherwise)",
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the temporary files are removed
-    try:
-        s = preprocess(
-            args.inputs,
-            args.output,
-            tokenizer=args.tokenizer,
-            text_key=args.text_key,
-            fmt=args.fmt,
-            text_mode=args.text_mode,
-            split=args.split,
-            hf_config=args.hf_config,
-            workers=args.workers,
-            strict=args.strict,
-            interval=args.log_interval,
-        )
-    except (DataError, TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
-        return 130
-    skipped = sum(s.skipped.values())
-    dt = max(s.seconds, 1e-9)
-    print(
-        f"done in {s.seconds:.2f} s: {s.docs:,} documents, {_si(s.bytes, 'B')} of text -> {s.tokens:,} tokens "
-        f"({_si(s.docs / dt, 'docs/s')}, {_si(s.bytes / dt, 'B/s')}, {_si(s.tokens / dt, 'tokens/s')}, "
-        f"{s.workers} workers)"
-    )
-    if skipped:
-        kinds = ", ".join(f"{n} {k}" for k, n in s.skipped.most_common())
-        print(f"skipped {skipped:,} bad inputs ({kinds}); --strict makes them fatal")
-    for ext in ("bin", "idx"):
-        print(f"wrote {args.output}.{ext} ({_si(os.path.getsize(f'{args.output}.{ext}'), 'B')})")
-    return 0

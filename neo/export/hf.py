@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from neo.errors import CheckpointError, ExportError, UsageError
 from neo.model.args import ModelArgs
 
 _BLOCK_PARAMS = (
@@ -51,7 +52,7 @@ def hf_config(args: ModelArgs, **extra: Any):
 
     problems = unsupported(args)
     if problems:
-        raise ValueError("cannot express this model as GPTNeoX: " + "; ".join(problems))
+        raise ExportError("cannot express this model as GPTNeoX: " + "; ".join(problems))
     return GPTNeoXConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -96,7 +97,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[st
     names = name_map(args)
     missing = sorted(set(names) - set(state))
     if missing:
-        raise KeyError(f"neo state dict lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise CheckpointError(f"neo state dict lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     out = {names[k]: v for k, v in state.items() if k in names}
     if args.tie_embeddings:
         out["embed_out.weight"] = out["gpt_neox.embed_in.weight"]
@@ -108,7 +109,7 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[
     inverse = {v: k for k, v in name_map(args).items()}
     missing = sorted(set(inverse) - set(state))
     if missing:
-        raise KeyError(f"GPTNeoX state dict lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise CheckpointError(f"GPTNeoX state dict lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     return {inverse[k]: v for k, v in state.items() if k in inverse}
 
 
@@ -126,7 +127,7 @@ def load_into_hf(model, state: dict[str, torch.Tensor], args: ModelArgs) -> None
         k for k in missing if not (args.tie_embeddings and k in ("lm_head.weight", "embed_out.weight"))
     ]
     if missing or unexpected:
-        raise KeyError(f"weights do not match GPTNeoX: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"weights do not match GPTNeoX: missing {missing}, unexpected {unexpected}")
 
 
 # --------------------------------------------------------------------------- checkpoint <-> HF directory
@@ -197,7 +198,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype | None =
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty. Fix: choose a new output folder.")
+        raise UsageError(f"{out} exists and is not empty. Fix: choose a new output folder.")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -229,11 +230,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype | None =
 def args_from_hf_config(config: dict) -> ModelArgs:
     """neo's shape for a transformers GPTNeoX config.json."""
     if config.get("model_type") != "gpt_neox":
-        raise ValueError(f"model_type is {config.get('model_type')!r}; neo imports GPTNeoX checkpoints only")
+        raise ExportError(f"model_type is {config.get('model_type')!r}; neo imports GPTNeoX checkpoints only")
     rope = config.get("rope_parameters") or {}
     act = config.get("hidden_act", "gelu")
     if act != "gelu":
-        raise ValueError(f"hidden_act {act!r}: neo's GPTNeoX import supports the exact 'gelu'")
+        raise ExportError(f"hidden_act {act!r}: neo's GPTNeoX import supports the exact 'gelu'")
     return ModelArgs(
         n_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
@@ -269,14 +270,14 @@ def import_hf(hf_dir: str, out_dir: str, tokenizer: str = "gpt2") -> dict:
         for file in sorted(src.glob("pytorch_model*.bin")):
             state.update(torch.load(file, map_location="cpu", weights_only=True))
     if not state:
-        raise FileNotFoundError(f"{src} holds no model.safetensors or pytorch_model.bin")
+        raise CheckpointError(f"{src} holds no model.safetensors or pytorch_model.bin")
     if "lm_head.weight" in state and "embed_out.weight" not in state:
         state["embed_out.weight"] = state.pop("lm_head.weight")
     neo_state = {k: v.contiguous() for k, v in from_hf_state_dict(state, args).items()}
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty. Fix: choose a new output folder.")
+        raise UsageError(f"{out} exists and is not empty. Fix: choose a new output folder.")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "weights").mkdir(parents=True)

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers
-from tools.neo_runs import ROOT, TINY, checkpoints, clean_env, end_codes, losses, make_tokens, records  # noqa: E402
+from runs import ROOT, TINY, checkpoints, clean_env, end_codes, losses, make_tokens, records
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 

@@ -1,0 +1,296 @@
+"""Validation: every impossible value or combination, each reported with its key, its source and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from neo.config.build import _Builder
+from neo.config.schema import Config
+
+
+def _check(cfg: Config, b: _Builder) -> None:
+    """Every check; combination checks run only when the sizes they divide are valid."""
+    if _check_sizes(cfg, b):
+        _check_model(cfg, b)
+        _check_parallel(cfg, b)
+        _check_zero_and_precision(cfg, b)
+    _check_passthrough(cfg, b)
+    _check_training(cfg, b)
+    _resolve_batch(cfg, b)
+
+
+def _check_sizes(cfg: Config, b: _Builder) -> bool:
+    """Sizes that must be positive; False when one is not (the checks that divide by them wait)."""
+    p, m, par, w = b.problems, cfg.model, cfg.parallel, b.where
+
+    def positive(key: str, value, allow_zero: bool = False) -> bool:
+        if value is None or value > 0 or (allow_zero and value == 0):
+            return True
+        p.append(f"{key} = {value} {w(key)} must be {'>= 0' if allow_zero else '> 0'}")
+        return False
+
+    sizes_ok = all(
+        [
+            positive("model.n_layers", m.n_layers),
+            positive("model.hidden_size", m.hidden_size),
+            positive("model.n_heads", m.n_heads),
+            positive("model.seq_length", m.seq_length),
+            positive("model.ffn_hidden_size", m.ffn_hidden_size),
+            positive("model.vocab_size", m.vocab_size),
+            positive("model.max_position_embeddings", m.max_position_embeddings),
+            positive("parallel.tp", par.tp),
+            positive("parallel.pp", par.pp),
+        ]
+    )
+    positive("parallel.activation_checkpoint_interval", par.activation_checkpoint_interval, allow_zero=True)
+    positive("model.loss_chunk_size", m.loss_chunk_size, allow_zero=True)
+    return sizes_ok
+
+
+def _check_model(cfg: Config, b: _Builder) -> None:
+    p, m, w = b.problems, cfg.model, b.where
+    if m.hidden_size % m.n_heads:
+        p.append(
+            f"model.hidden_size = {m.hidden_size} {w('model.hidden_size')} is not divisible by "
+            f"model.n_heads = {m.n_heads} {w('model.n_heads')}. Fix: make hidden_size a multiple of n_heads "
+            f"(e.g. {m.hidden_size // m.n_heads * m.n_heads or m.n_heads})."
+        )
+    elif m.position_embedding == "rotary":
+        if not 0.0 < m.rotary_pct <= 1.0:
+            p.append(f"model.rotary_pct = {m.rotary_pct} {w('model.rotary_pct')} must be in (0, 1]")
+        elif m.rotary_dim % 2:
+            p.append(
+                f"model.rotary_pct = {m.rotary_pct} {w('model.rotary_pct')} gives an odd rotary dimension "
+                f"{m.rotary_dim} of head_dim {m.head_dim}. Fix: choose rotary_pct so head_dim * rotary_pct "
+                "is even (0.25, 0.5, 1.0 with head_dim a multiple of 8)."
+            )
+    if m.seq_length > m.max_positions:
+        p.append(
+            f"model.seq_length = {m.seq_length} {w('model.seq_length')} is above "
+            f"model.max_position_embeddings = {m.max_positions} {w('model.max_position_embeddings')}. "
+            "Fix: lower seq_length or raise max_position_embeddings."
+        )
+    for key, value in (
+        ("model.attention_dropout", m.attention_dropout),
+        ("model.hidden_dropout", m.hidden_dropout),
+    ):
+        if not 0.0 <= value < 1.0:
+            p.append(f"{key} = {value} {w(key)} must be in [0, 1)")
+
+
+def _check_parallel(cfg: Config, b: _Builder) -> None:
+    p, m, par, w = b.problems, cfg.model, cfg.parallel, b.where
+    if par.tp > 1:
+        for key, value in (
+            ("model.n_heads", m.n_heads),
+            ("model.hidden_size", m.hidden_size),
+            ("model.ffn_hidden_size", m.ffn_size),
+            ("model.vocab_size", m.vocab_size),
+        ):
+            if value is not None and value % par.tp:
+                p.append(
+                    f"{key} = {value} {w(key)} is not divisible by parallel.tp = {par.tp} {w('parallel.tp')}. "
+                    f"Fix: choose a tp that divides {key.split('.')[1]}, or change {key}."
+                )
+    if par.pp > m.n_layers + 2:
+        p.append(
+            f"parallel.pp = {par.pp} {w('parallel.pp')} is more stages than layers to place "
+            f"(model.n_layers = {m.n_layers} blocks + embedding + head). Fix: lower parallel.pp."
+        )
+    method = par.partition_method
+    if method not in ("parameters", "uniform") and not method.startswith("type:"):
+        p.append(
+            f"parallel.partition_method = {method!r} {w('parallel.partition_method')} must be 'parameters', "
+            "'uniform' or 'type:<layer class regex>' (e.g. 'type:Block')"
+        )
+    if cfg.world_size % (par.tp * par.pp):
+        p.append(
+            f"world size {cfg.world_size} (processes launched) is not divisible by parallel.tp x parallel.pp = "
+            f"{par.tp} x {par.pp} = {par.tp * par.pp}. Fix: launch a multiple of {par.tp * par.pp} processes "
+            "or change tp/pp."
+        )
+
+
+def _check_zero_and_precision(cfg: Config, b: _Builder) -> None:
+    p, par, w = b.problems, cfg.parallel, b.where
+    z = cfg.zero
+    if z.stage not in (0, 1, 2, 3):
+        p.append(f"zero.stage = {z.stage} {w('zero.stage')} must be 0, 1, 2 or 3")
+    if z.stage >= 2 and par.pp > 1:
+        p.append(
+            f"zero.stage = {z.stage} {w('zero.stage')} cannot be combined with pipeline parallelism "
+            f"(parallel.pp = {par.pp} {w('parallel.pp')}): DeepSpeed partitions gradients/parameters across "
+            "micro-batches only without a pipeline. Fix: use zero.stage 0 or 1 with pp > 1."
+        )
+    if z.offload_optimizer != "none" and z.stage == 0:
+        p.append(
+            f"zero.offload_optimizer = {z.offload_optimizer} {w('zero.offload_optimizer')} needs "
+            "zero.stage >= 1. Fix: set zero.stage: 1 (or 2, 3)."
+        )
+    if cfg.precision.dtype == "bf16" and par.pp > 1 and z.stage == 0:
+        p.append(
+            f"precision.dtype = bf16 with parallel.pp = {par.pp} needs zero.stage >= 1 {w('zero.stage')}: "
+            "DeepSpeed 0.19 cannot resume a bf16 pipeline checkpoint saved with ZeRO-0 (KeyError in its "
+            "bf16 optimizer). Fix: set zero.stage: 1 (same memory on one data-parallel rank)."
+        )
+    fp = cfg.precision.fp16
+    if fp.loss_scale < 0 or fp.min_loss_scale <= 0 or fp.loss_scale_window <= 0 or fp.hysteresis < 1:
+        p.append(
+            "precision.fp16: loss_scale must be >= 0, min_loss_scale > 0, loss_scale_window > 0, "
+            "hysteresis >= 1"
+        )
+
+
+_OWNED = {
+    "train_batch_size": "batch.global_batch_size",
+    "train_micro_batch_size_per_gpu": "batch.micro_batch_size",
+    "gradient_accumulation_steps": "batch.grad_accum",
+    "gradient_clipping": "optimizer.grad_clip",
+    "optimizer": "optimizer",
+    "scheduler": "schedule",
+    "zero_optimization.stage": "zero.stage",
+    "fp16.enabled": "precision.dtype",
+    "bf16.enabled": "precision.dtype",
+}
+
+
+def _check_passthrough(cfg: Config, b: _Builder) -> None:
+    """The deepspeed: section may add keys, not contradict ones neo derives."""
+    ds = cfg.deepspeed
+    for key, owner in _OWNED.items():
+        node: Any = ds
+        for part in key.split("."):
+            node = node.get(part, None) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        if key in ("fp16.enabled", "bf16.enabled"):
+            wanted = cfg.precision.dtype == key.split(".")[0]
+            if bool(node) == wanted:
+                continue
+            b.problems.append(
+                f"deepspeed.{key} = {node} {b.where('deepspeed.' + key)} contradicts "
+                f"precision.dtype = {cfg.precision.dtype} {b.where('precision.dtype')} (fp16 and bf16 "
+                f"are never both on). Fix: choose fp32, bf16 or fp16 with precision.dtype and remove "
+                f"deepspeed.{key}."
+            )
+            continue
+        b.problems.append(
+            f"deepspeed.{key} {b.where('deepspeed.' + key)} is derived by neo from {owner}. "
+            f"Fix: set {owner} instead and remove deepspeed.{key}."
+        )
+
+
+def _check_training(cfg: Config, b: _Builder) -> None:
+    p, w = b.problems, b.where
+    s, o = cfg.schedule, cfg.optimizer
+    if s.iterations <= 0:
+        p.append(f"schedule.iterations = {s.iterations} {w('schedule.iterations')} must be > 0")
+    if not 0 <= s.warmup <= max(s.iterations, 0):
+        p.append(
+            f"schedule.warmup = {s.warmup} {w('schedule.warmup')} must be between 0 and "
+            f"schedule.iterations = {s.iterations}"
+        )
+    if s.decay_iters is not None and s.decay_iters <= s.warmup:
+        p.append(
+            f"schedule.decay_iters = {s.decay_iters} {w('schedule.decay_iters')} must be above "
+            f"schedule.warmup = {s.warmup}"
+        )
+    if s.exit_interval is not None and s.exit_interval <= 0:
+        p.append(
+            f"schedule.exit_interval = {s.exit_interval} {w('schedule.exit_interval')} must be > 0 (or null)"
+        )
+    if o.lr <= 0:
+        p.append(f"optimizer.lr = {o.lr} {w('optimizer.lr')} must be > 0")
+    elif not 0 <= s.min_lr <= o.lr:
+        p.append(
+            f"schedule.min_lr = {s.min_lr} {w('schedule.min_lr')} must be between 0 and "
+            f"optimizer.lr = {o.lr} {w('optimizer.lr')}"
+        )
+    if len(o.betas) != 2 or not all(0 <= x < 1 for x in o.betas):
+        p.append(f"optimizer.betas = {o.betas} {w('optimizer.betas')} must be two numbers in [0, 1)")
+    if o.weight_decay < 0 or o.grad_clip < 0 or o.eps <= 0:
+        p.append("optimizer: weight_decay and grad_clip must be >= 0 and eps > 0")
+    d = cfg.data
+    if d.train_weights is not None and len(d.train_weights) != len(d.train_paths):
+        p.append(
+            f"data.train_weights {w('data.train_weights')} has {len(d.train_weights)} weights for "
+            f"{len(d.train_paths)} data.train_paths. Fix: give one weight per path."
+        )
+    if d.train_weights is not None and (any(x < 0 for x in d.train_weights) or sum(d.train_weights) <= 0):
+        p.append(
+            f"data.train_weights = {d.train_weights} {w('data.train_weights')} must be >= 0 with a positive sum"
+        )
+    parts = d.split.replace("/", ",").split(",")
+    try:
+        shares = [float(x) for x in parts]
+        if len(shares) > 3 or any(x < 0 for x in shares) or sum(shares) <= 0:
+            raise ValueError
+    except ValueError:
+        p.append(
+            f"data.split = {d.split!r} {w('data.split')} must be up to three non-negative numbers "
+            "train,valid,test such as '969,30,1'"
+        )
+    if cfg.eval.interval < 0 or cfg.eval.iters < 0:
+        p.append("eval.interval and eval.iters must be >= 0")
+    if cfg.logging.interval <= 0:
+        p.append(f"logging.interval = {cfg.logging.interval} {w('logging.interval')} must be > 0")
+    c = cfg.checkpoint
+    if c.save_interval < 0:
+        p.append(f"checkpoint.save_interval = {c.save_interval} {w('checkpoint.save_interval')} must be >= 0")
+    if c.keep_last_n is not None and c.keep_last_n < 1:
+        p.append(
+            f"checkpoint.keep_last_n = {c.keep_last_n} {w('checkpoint.keep_last_n')} must be >= 1 "
+            "(or null to keep every checkpoint)"
+        )
+    if c.load_weights_only and not c.load:
+        p.append(
+            f"checkpoint.load_weights_only {w('checkpoint.load_weights_only')} needs checkpoint.load "
+            "(the checkpoint to take the weights from)"
+        )
+
+
+def _resolve_batch(cfg: Config, b: _Builder) -> None:
+    """Fill the third of micro_batch_size, grad_accum, global_batch_size from the other two."""
+    if cfg.world_size % (cfg.parallel.tp * cfg.parallel.pp) or cfg.dp < 1:
+        return
+    bt, dp, w = cfg.batch, cfg.dp, b.where
+    mb, ga, gb = bt.micro_batch_size, bt.grad_accum, bt.global_batch_size
+    for key, value in (("micro_batch_size", mb), ("grad_accum", ga), ("global_batch_size", gb)):
+        if value is not None and value <= 0:
+            b.problems.append(f"batch.{key} = {value} {w('batch.' + key)} must be > 0")
+            return
+    arithmetic = f"global_batch_size = micro_batch_size x grad_accum x data-parallel size ({dp})"
+    if sum(x is not None for x in (mb, ga, gb)) < 2:
+        # Fewer than two given: grad_accum defaults to 1, and micro_batch_size to 4 unless the global batch
+        # alone was given (then it is split evenly over the data-parallel ranks).
+        if ga is None:
+            ga = 1
+        if mb is None and gb is None:
+            mb = 4
+    if gb is None:
+        gb = mb * ga * dp
+    elif mb is None:
+        if gb % (ga * dp):
+            b.problems.append(
+                f"batch.global_batch_size = {gb} {w('batch.global_batch_size')} is not divisible by "
+                f"grad_accum x dp = {ga} x {dp}. Fix: {arithmetic}."
+            )
+            return
+        mb = gb // (ga * dp)
+    elif ga is None:
+        if gb % (mb * dp):
+            b.problems.append(
+                f"batch.global_batch_size = {gb} {w('batch.global_batch_size')} is not divisible by "
+                f"micro_batch_size x dp = {mb} x {dp} = {mb * dp}. Fix: {arithmetic}; "
+                f"e.g. global_batch_size = {max(1, gb // (mb * dp)) * mb * dp}."
+            )
+            return
+        ga = gb // (mb * dp)
+    elif mb * ga * dp != gb:
+        b.problems.append(
+            f"batch: {mb} x {ga} x {dp} = {mb * ga * dp}, not global_batch_size = {gb} "
+            f"{w('batch.global_batch_size')} ({arithmetic}). Fix: drop one of the three to derive it, "
+            "or make them agree."
+        )
+        return
+    bt.micro_batch_size, bt.grad_accum, bt.global_batch_size = mb, ga, gb

@@ -1,0 +1,146 @@
+"""The config tree: one dataclass per section; each field's comment is its documentation.
+
+The README's config reference is generated from these comments (``python -m neo.config --reference``).
+This module imports nothing heavy, so that reading a config never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from neo.model.args import ModelArgs
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size: ranks that split every layer
+    pp: int = 1  # pipeline stages; 1 means no pipeline
+    # how layers are split into stages: "parameters", "uniform" or "type:<regex>" (e.g. "type:Block")
+    partition_method: str = "parameters"
+    # recompute activations in the backward pass: 0 off, else every N-th layer boundary
+    activation_checkpoint_interval: int = 0
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = "gpt2"  # tiktoken name, a .tiktoken rank file, or a folder with encoder.json + vocab.bpe
+    train_paths: list[str] = field(default_factory=list)  # token file prefixes (path without .bin/.idx)
+    train_weights: list[float] | None = None  # blending weights, one per train path
+    valid_paths: list[str] = field(default_factory=list)  # separate validation token files (instead of split)
+    test_paths: list[str] = field(default_factory=list)  # separate test token files
+    split: str = "969,30,1"  # train,valid,test share of documents when no valid/test paths are given
+    cache_dir: str | None = None  # where sample-index arrays are cached; None: beside the data
+
+
+@dataclass
+class OptimizerConfig:
+    type: Literal["adamw"] = "adamw"  # AdamW (torch), weight decay decoupled
+    lr: float = 6e-4  # peak learning rate, reached after warmup
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam beta1, beta2
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.1  # applied to matrices only (not biases or norms)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    # torch's fused AdamW kernel (each element read and written once per step, instead of one pass
+    # per operation); falls back to the multi-tensor implementation where the device has no fused kernel
+    fused: bool = True
+
+
+@dataclass
+class ScheduleConfig:
+    iterations: int = 1000  # optimizer steps of the run
+    warmup: int = 0  # steps of linear warmup from 0 to optimizer.lr
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # shape of the decay after warmup
+    decay_iters: int | None = None  # steps over which lr decays to min_lr; None: iterations
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    # stop (after saving a checkpoint) once this launch has run N steps; the next launch resumes.
+    # For fixed-length job slots; None trains to `iterations`.
+    exit_interval: int | None = None
+
+
+@dataclass
+class BatchConfig:
+    """global = micro_batch_size x grad_accum x data-parallel size; give any two."""
+
+    micro_batch_size: int | None = None  # samples per forward pass per data-parallel rank
+    grad_accum: int | None = None  # micro-batches per optimizer step (pipeline: micro-batches in flight)
+    global_batch_size: int | None = None  # samples per optimizer step, all ranks together
+
+
+@dataclass
+class Fp16Config:
+    """Dynamic loss scaling (DeepSpeed's fp16 section)."""
+
+    loss_scale: float = 0.0  # 0: dynamic; > 0: this static scale
+    initial_scale_power: int = 16  # dynamic scaling starts at 2**power
+    loss_scale_window: int = 1000  # steps without overflow before the scale doubles
+    hysteresis: int = 2  # overflows tolerated before the scale halves
+    min_loss_scale: float = 1.0  # the dynamic scale never goes below this
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: mixed precision with fp32 master weights
+    fp16: Fp16Config = field(default_factory=Fp16Config)
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0  # 0 off, 1 optimizer state, 2 + gradients, 3 + parameters partitioned over data parallel
+    offload_optimizer: Literal["none", "cpu"] = "none"  # keep optimizer state and step on the CPU
+    overlap_comm: bool = False  # overlap gradient reduction with the backward pass
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None: <logging.dir>/checkpoints
+    save_interval: int = 0  # save every N steps (0: only at the end); also saved on SIGTERM/SIGUSR1
+    keep_last_n: int | None = 2  # older checkpoints are pruned after a new one is published; None keeps all
+    resume: bool = True  # continue from the newest complete checkpoint in `dir` if there is one
+    load: str | None = None  # start from this checkpoint (a folder) instead
+    load_weights_only: bool = False  # with `load`: weights only, fresh optimizer, iteration 0 (fine-tuning)
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"  # the run's outputs: resolved config, metrics.jsonl, checkpoints
+    interval: int = 10  # one log line every N steps
+    tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
+    peak_tflops: float | None = None  # per-device peak for MFU; None: looked up by device name
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 100  # validate every N steps (0: never; always at the end when iters > 0)
+    iters: int = 10  # global batches per validation
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra keys passed to DeepSpeed as they are
+    seed: int = 1234
+    # Filled by load_config: the data-parallel size the batch arithmetic was resolved for.
+    world_size: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.parallel.tp * self.parallel.pp)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.logging.dir, "checkpoints")

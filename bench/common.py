@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,33 +34,36 @@ DEFAULT_MODEL = [
 ]
 
 
+@dataclass(frozen=True)
+class RandomTokens:
+    """The tokenizer a benchmark on random token ids stands for: only its size and a name."""
+
+    vocab_size: int
+
+    @property
+    def name(self) -> str:
+        return f"random-{self.vocab_size}"
+
+
 def build_trainer(cfg, env):
     """A real ``neo.train.loop.Trainer`` for a config, fed by the caller with random tokens.
 
     The benchmarks measure what training runs, so the model, optimizer, LR schedule and DeepSpeed engine
-    come from Trainer itself (whatever it builds today). Its constructor also loads a tokenizer and
-    builds datasets from token files, which benchmarks on random tokens have no use for (and a 12k
-    vocabulary has no tokenizer); those two loaders are stubbed while it runs. ``cfg.model.vocab_size``
-    must be set. Returns the Trainer; ``trainer.engine`` is the engine, ``trainer.train_step(batches)``
-    the step, with ``batches`` an iterator of [micro_batch, seq + 1] token tensors.
+    come from Trainer itself (whatever it builds today). It gets no datasets and a stand-in tokenizer (a 12k
+    vocabulary has none). ``cfg.model.vocab_size`` must be set. ``trainer.train_step(stream)`` is the step,
+    with ``stream`` an iterator of micro-batches: ``micro_batches(tokens)`` makes one from token tensors.
     """
-    from contextlib import ExitStack
-    from types import SimpleNamespace
-    from unittest import mock
+    from neo.train.loop import Trainer
 
-    import neo.data.dataset as dataset_module
-    import neo.data.tokenizer as tokenizer_module
-    from neo.train import loop
+    return Trainer(cfg, env, datasets={}, tokenizer=RandomTokens(cfg.model.vocab_size))
 
-    tokenizer = SimpleNamespace(vocab_size=cfg.model.vocab_size, name=f"random-{cfg.model.vocab_size}")
-    with ExitStack() as stack:
-        for module in (tokenizer_module, loop):
-            if hasattr(module, "load_tokenizer"):
-                stack.enter_context(mock.patch.object(module, "load_tokenizer", lambda *a, **k: tokenizer))
-        for module in (dataset_module, loop):
-            if hasattr(module, "build_datasets"):
-                stack.enter_context(mock.patch.object(module, "build_datasets", lambda *a, **k: {}))
-        return loop.Trainer(cfg, env)
+
+def micro_batches(batches):
+    """Pretraining micro-batches from an iterator of [micro_batch, seq + 1] token tensors."""
+    from neo.objectives import MicroBatch
+
+    for tokens in batches:
+        yield MicroBatch(inputs=tokens[:, :-1], labels=tokens[:, 1:])
 
 
 # The neo config keys every bench sets besides the model: no checkpoint is looked for or loaded.

@@ -187,7 +187,7 @@ class PlainLoop:
         self.optimizer = torch.optim.AdamW(
             groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, **impl
         )
-        lr_fn, lr = schedule_from_config(cfg.schedule, cfg.optimizer), cfg.optimizer.lr
+        lr_fn, lr = schedule_from_config(cfg), cfg.optimizer.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_fn(step) / lr)
         self.clip = cfg.optimizer.grad_clip
 
@@ -233,10 +233,10 @@ def hf_forward(model, tokens, labels):
 
 def deepspeed_step(cfg, env, batches):
     """neo's own step: ``Trainer.train_step`` of a real Trainer (see ``common.build_trainer``)."""
-    from common import build_trainer
+    from common import build_trainer, micro_batches
 
-    trainer = build_trainer(cfg, env)
-    return lambda: trainer.train_step(batches)
+    trainer, stream = build_trainer(cfg, env), micro_batches(batches)
+    return lambda: trainer.train_step(stream)
 
 
 # --------------------------------------------------------------------------- set-up and timing

@@ -19,3 +19,18 @@ def gathered_parameters(params: list[torch.nn.Parameter]):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def loss_scale(engine) -> float:
+    """The fp16 dynamic loss scale now (DeepSpeed's optimizer wrappers keep it in ``cur_scale``)."""
+    return float(engine.optimizer.cur_scale)
+
+
+def pipeline_layer_names(module) -> list[str]:
+    """Class names of a PipelineModule's layers, in order (its ``_layer_specs``), for the partitioning log."""
+    return [spec.typename.__name__ for spec in module._layer_specs]
+
+
+def pipeline_parts(module) -> list[int]:
+    """Layer index boundaries of the stages of a PipelineModule (``parts``: stage s holds [parts[s], parts[s+1]))."""
+    return list(module.parts)

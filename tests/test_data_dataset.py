@@ -182,7 +182,7 @@ def test_resume_equals_uninterrupted_run(corpus, tmp_path):
 
 def test_bad_batch_arithmetic_tokenizer_mismatch_and_tiny_split(corpus, tmp_path):
     ds = build([corpus["a"]], tmp_path)["train"]
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(DataError, match="not a multiple"):
         next(
             micro_batches(
                 ds, consumed_samples=0, global_batch_size=10, micro_batch_size=4, dp_rank=0, dp_size=1

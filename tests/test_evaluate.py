@@ -226,12 +226,10 @@ def test_cli_reports_a_checkpoint_on_token_split_and_text(checkpoint, corpus, tm
 
 
 def launcher(name: str):
-    import importlib.util
+    """The front end neo-NAME as a module, to call its main() in this process (error paths need no subprocess)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"neo.cli.{name}")
 
 
 @pytest.mark.parametrize(

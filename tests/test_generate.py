@@ -424,13 +424,10 @@ def test_cli_interactive_answers_each_line(checkpoint, trained):
 
 
 def launcher(name: str):
-    """launch/NAME.py as a module, to call its main() in this process (the error paths need no subprocess)."""
-    import importlib.util
+    """The front end neo-NAME as a module, to call its main() in this process (error paths need no subprocess)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"neo.cli.{name}")
 
 
 @pytest.mark.parametrize(

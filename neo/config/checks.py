@@ -180,21 +180,29 @@ def _check_passthrough(cfg: Config, b: _Builder) -> None:
         )
 
 
+def _check_warmup(cfg: Config, b: _Builder) -> None:
+    """Warmup in steps (an int, or a whole float >= 1) or as a fraction of the run (a float below 1)."""
+    p, w, s = b.problems, b.where, cfg.schedule
+    if s.warmup < 0 or (isinstance(s.warmup, float) and s.warmup >= 1 and not s.warmup.is_integer()):
+        p.append(f"schedule.warmup = {s.warmup} {w('schedule.warmup')} must be a number of steps (>= 0) or a "
+                 "fraction of schedule.iterations below 1 (e.g. 0.1)")  # fmt: skip
+        return
+    steps = cfg.warmup_steps
+    if s.iterations > 0 and steps > s.iterations:
+        p.append(f"schedule.warmup = {s.warmup} {w('schedule.warmup')} is {steps} steps, longer than the run "
+                 f"(schedule.iterations = {s.iterations} {w('schedule.iterations')}). Fix: give the warmup as a "
+                 f"fraction of the run (e.g. schedule.warmup=0.1), or lower it, or raise schedule.iterations.")  # fmt: skip
+    if s.decay_iters is not None and s.decay_iters <= steps:
+        p.append(f"schedule.decay_iters = {s.decay_iters} {w('schedule.decay_iters')} must be above the warmup "
+                 f"({steps} steps from schedule.warmup = {s.warmup})")  # fmt: skip
+
+
 def _check_training(cfg: Config, b: _Builder) -> None:
     p, w = b.problems, b.where
     s, o = cfg.schedule, cfg.optimizer
     if s.iterations <= 0:
         p.append(f"schedule.iterations = {s.iterations} {w('schedule.iterations')} must be > 0")
-    if not 0 <= s.warmup <= max(s.iterations, 0):
-        p.append(
-            f"schedule.warmup = {s.warmup} {w('schedule.warmup')} must be between 0 and "
-            f"schedule.iterations = {s.iterations}"
-        )
-    if s.decay_iters is not None and s.decay_iters <= s.warmup:
-        p.append(
-            f"schedule.decay_iters = {s.decay_iters} {w('schedule.decay_iters')} must be above "
-            f"schedule.warmup = {s.warmup}"
-        )
+    _check_warmup(cfg, b)
     if s.exit_interval is not None and s.exit_interval <= 0:
         p.append(
             f"schedule.exit_interval = {s.exit_interval} {w('schedule.exit_interval')} must be > 0 (or null)"

@@ -50,7 +50,9 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     iterations: int = 1000  # optimizer steps of the run
-    warmup: int = 0  # steps of linear warmup from 0 to optimizer.lr
+    # linear warmup from 0 to optimizer.lr: a number of steps (16), or a fraction of schedule.iterations
+    # below 1 (0.1 = the first 10%, as GPT-NeoX's warmup)
+    warmup: int | float = 0
     decay: Literal["cosine", "linear", "constant"] = "cosine"  # shape of the decay after warmup
     decay_iters: int | None = None  # steps over which lr decays to min_lr; None: iterations
     min_lr: float = 0.0  # learning rate at the end of the decay
@@ -120,10 +122,18 @@ class EvalConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the run optimizes; every objective runs in the same loop (neo/objectives/)."""
+
+    type: Literal["pretrain"] = "pretrain"  # pretrain: next-token prediction on token files
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -136,6 +146,12 @@ class Config:
     seed: int = 1234
     # Filled by load_config: the data-parallel size the batch arithmetic was resolved for.
     world_size: int = 1
+
+    @property
+    def warmup_steps(self) -> int:
+        """schedule.warmup in steps (a fraction below 1 is of schedule.iterations)."""
+        w = self.schedule.warmup
+        return round(w * self.schedule.iterations) if isinstance(w, float) and w < 1 else int(w)
 
     @property
     def dp(self) -> int:

@@ -315,32 +315,28 @@ def build_datasets(
     return out
 
 
-def micro_batches(
-    dataset,
-    *,
-    consumed_samples: int,
-    global_batch_size: int,
-    micro_batch_size: int,
-    dp_rank: int,
-    dp_size: int,
-) -> Iterator[torch.Tensor]:
-    """Endless [micro_batch_size, seq_length + 1] LongTensors for this data-parallel rank.
+def micro_batch_samples(dataset, *, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
+                        dp_rank: int, dp_size: int) -> Iterator[list]:  # fmt: skip
+    """Endless micro-batches of samples (lists of ``micro_batch_size`` dataset items) for this data-parallel rank.
 
     Global batch k covers samples [c, c + G) with c = consumed_samples + k * G; rank r takes the
     contiguous slice [c + r * G / dp, c + (r + 1) * G / dp), in micro-batches, in order. Sample ids
     past len(dataset) wrap around (a run longer than planned sees the data again).
     """
     if global_batch_size % (micro_batch_size * dp_size):
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not a multiple of "
-            f"micro_batch_size {micro_batch_size} x dp_size {dp_size}"
-        )
+        raise DataError(f"global_batch_size {global_batch_size} is not a multiple of "
+                        f"micro_batch_size {micro_batch_size} x dp_size {dp_size}")  # fmt: skip
     if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        raise DataError(f"dp_rank {dp_rank} outside [0, {dp_size})")
     per_rank, n = global_batch_size // dp_size, len(dataset)
     start = consumed_samples + dp_rank * per_rank
     while True:
         for m in range(0, per_rank, micro_batch_size):
-            ids = range(start + m, start + m + micro_batch_size)
-            yield torch.from_numpy(np.stack([np.asarray(dataset[i % n], dtype=np.int64) for i in ids]))
+            yield [dataset[i % n] for i in range(start + m, start + m + micro_batch_size)]
         start += global_batch_size
+
+
+def micro_batches(dataset, **kwargs) -> Iterator[torch.Tensor]:
+    """``micro_batch_samples`` of token samples stacked into [micro_batch_size, seq_length + 1] LongTensors."""
+    for samples in micro_batch_samples(dataset, **kwargs):
+        yield torch.from_numpy(np.stack([np.asarray(s, dtype=np.int64) for s in samples]))

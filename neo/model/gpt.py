@@ -104,10 +104,10 @@ class Head(nn.Module):
         )
         self.tp_group, self.loss_chunk_size = tp_group, args.loss_chunk_size
 
-    def forward(
-        self, x: torch.Tensor, ctx: Context | None = None, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.embed_out(x) if labels is None else self.head_loss(x, labels)
+    def forward(self, x: torch.Tensor, ctx: Context | None = None, labels=None, loss_fn=None) -> torch.Tensor:
+        if labels is None:
+            return self.embed_out(x)
+        return (loss_fn or mean_loss)(self, x, labels)
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _head_loss(hidden, self.embed_out.weight, labels, self.tp_group, self.loss_chunk_size)
@@ -124,8 +124,15 @@ class PipelineHead(Head):
         return x
 
 
-def _tied_head(embedding: Embedding, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    return embedding.logits(x) if labels is None else embedding.head_loss(x, labels)
+def mean_loss(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The default loss: mean next-token cross-entropy of ``head`` (pretraining's)."""
+    return head.head_loss(hidden, labels)
+
+
+def _tied_head(embedding: Embedding, x: torch.Tensor, labels=None, loss_fn=None) -> torch.Tensor:
+    if labels is None:
+        return embedding.logits(x)
+    return (loss_fn or mean_loss)(embedding, x, labels)
 
 
 def _pass_hidden(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
@@ -145,9 +152,10 @@ class PipelineLoss:
 
     def __init__(self):
         self.head: Head | Embedding | None = None
+        self.fn = mean_loss  # fn(head, hidden, labels) -> loss; see ``set_loss``
 
-    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head.head_loss(hidden, labels)
+    def __call__(self, hidden: torch.Tensor, labels) -> torch.Tensor:
+        return self.fn(self.head, hidden, labels)
 
 
 @dataclass
@@ -202,6 +210,7 @@ class GPT(nn.Module):
     def __init__(self, args: ModelArgs, *, tp_group=None, seed: int = 1234, checkpoint_interval: int = 0):
         super().__init__()
         self.args, self.tp_group, self.checkpoint_interval = args, tp_group, checkpoint_interval
+        self.loss_fn = mean_loss  # fn(head, hidden, labels) -> loss; see ``set_loss``
         tied: dict[str, nn.Module] = {}
         layers = []
         for index, spec in enumerate(layer_specs(args, tp_group)):
@@ -225,7 +234,7 @@ class GPT(nn.Module):
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x, ctx)
-        return head(x, ctx, labels=labels)
+        return head(x, ctx, labels=labels, loss_fn=self.loss_fn)
 
 
 class _TiedCall(nn.Module):
@@ -239,10 +248,20 @@ class _TiedCall(nn.Module):
         self.__dict__["target"] = module
         self.fn = fn
 
-    def forward(
-        self, x: torch.Tensor, ctx: Context | None = None, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.fn(self.target, x, labels)
+    def forward(self, x: torch.Tensor, ctx: Context | None = None, labels=None, loss_fn=None) -> torch.Tensor:
+        return self.fn(self.target, x, labels, loss_fn)
+
+
+def set_loss(model: torch.nn.Module, fn) -> None:
+    """Make ``fn(head, hidden, labels) -> loss`` the model's loss, in the plain or the pipeline form.
+
+    ``head`` is the output head module (``Head``, or the tied ``Embedding``): it offers ``head_loss`` (the
+    fused mean cross-entropy) and its weight; ``hidden`` are the final hidden states. In the plain form the
+    call happens inside the head's forward, so ZeRO-3 has gathered the head's weight."""
+    if isinstance(model, GPT):
+        model.loss_fn = fn
+    else:  # a PipelineModule: DeepSpeed calls its loss_fn on the last stage
+        model.loss_fn.fn = fn
 
 
 def parameter_count(args: ModelArgs) -> dict[str, int]:

@@ -1,42 +1,35 @@
-"""The training loop: build everything from one validated config, train, validate, checkpoint.
+"""The training loop: one loop for every objective, in the plain and the pipeline form.
 
-``train(cfg)`` returns the process exit code: 0 when the run finished, ``REQUEUE_EXIT`` when a
-SIGTERM/SIGUSR1 (SLURM's warning before preemption or time limit) made it save and stop early.
+``Trainer(cfg, env)`` builds a run from its parts (``neo/train/build.py``): the model shape, the model, the
+optimizer, the DeepSpeed engine, the objective (``neo/objectives``) and its datasets; any of the model,
+datasets, tokenizer and objective can be handed in instead. ``run()`` steps until the schedule ends, a
+signal asks it to stop, or ``schedule.exit_interval`` is reached, and returns the process exit code: 0
+when the run finished, ``REQUEUE_EXIT`` (75) when a SIGTERM/SIGUSR1 made it save and stop early.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
-import time
 
 import torch
 import torch.distributed as dist
 
-from neo import config as neo_config
 from neo.checkpoint import load as ckpt_load
-from neo.checkpoint import optimizer_state
 from neo.checkpoint import save as ckpt_save
 from neo.checkpoint.layout import find_latest, resolve
 from neo.checkpoint.tensors import check_compatible
-from neo.config import Config
-from neo.errors import CheckpointError
-from neo.model.gpt import GPT, flops_per_token, parameter_count, pipeline_module
+from neo.config import Config, batch_arithmetic, to_dict, to_yaml
+from neo.errors import REQUEUE_EXIT, LaunchError
+from neo.model.gpt import flops_per_token, parameter_count, set_loss
+from neo.objectives import MicroBatch, Objective, build_objective
 from neo.parallel import random as tp_random
 from neo.parallel.topology import Topology
-from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb, peak_tflops
-from neo.train.optim import (
-    ClippingAdamW,
-    fp32_zero_grad_norms,
-    fused_adamw_supported,
-    neo_clips,
-    param_groups,
-)
-from neo.train.schedule import LRSchedule, schedule_from_config
-
-REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved, stopped early, run me again"; slurm/train.sbatch requeues on it
+from neo.train import build
+from neo.train.metrics import Throughput, peak_tflops
+from neo.train.optim import ClippingAdamW
+from neo.train.report import RunLog
 
 
 def log(msg: str) -> None:
@@ -64,143 +57,53 @@ class StopFlag:
         return bool(flag.item())
 
 
-def _mean_over_dp(value: torch.Tensor, topo: Topology) -> float:
-    if topo.dp > 1:
-        value = value.clone()
-        dist.all_reduce(value, group=topo.dp_group)
-        value /= topo.dp
-    return value.item()
-
-
-def _resolve_vocab(cfg: Config, tokenizer) -> int:
-    from neo.data.tokenizer import padded_vocab_size
-
-    wanted = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tp)
-    if cfg.model.vocab_size is None:
-        return wanted
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise neo_config.ConfigError(
-            [
-                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
-                f"tokens ({tokenizer.name}). Fix: remove model.vocab_size to use the padded size {wanted}."
-            ]
-        )
-    return cfg.model.vocab_size
-
-
 class Trainer:
-    """Owns the engine, the data iterators and the bookkeeping of one run (plain or pipeline form)."""
+    """Owns the engine, the objective, the data streams and the bookkeeping of one run."""
 
-    def __init__(self, cfg: Config, env):
-        import deepspeed
-
-        from neo.data.dataset import build_datasets
-        from neo.data.tokenizer import load_tokenizer
+    def __init__(self, cfg: Config, env, *, model: torch.nn.Module | None = None, datasets: dict | None = None,
+                 tokenizer=None, objective: Objective | None = None):  # fmt: skip
+        from neo import distributed
 
         self.cfg, self.env = cfg, env
         self.topo = Topology(env.world_size, cfg.parallel.tp, cfg.parallel.pp, env.rank)
-        self.device = (
-            torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        )
-        if cfg.precision.dtype == "fp16" and self.device.type == "cpu":
-            raise neo_config.ConfigError(
-                [
-                    "precision.dtype = fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16 ('Type fp16 is not "
-                    "supported on your device'). Fix: use precision.dtype: fp32 on CPU (or bf16 where the CPU has "
-                    "native bf16: AVX512-BF16 or AMX)."
-                ]
-            )
-        if (
-            cfg.precision.dtype == "bf16"
-            and self.device.type == "cpu"
-            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        ):
-            log(
-                f"neo: warning: precision.dtype = bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()},"
-                " no AVX512-BF16/AMX): PyTorch emulates bf16 matrix multiplies, measured ~250x slower than fp32 on "
-                "such a CPU. Use precision.dtype: fp32 here."
-            )
+        self.device = distributed.device_for(env)
+        warning = build.check_precision(cfg, self.device)
+        if warning:
+            log(warning)
         torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout agrees across a TP group
         tp_random.seed(cfg.seed + 2718 + self.topo.coord.tensor)  # split heads: independent per TP rank
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if tokenizer is None:
+            from neo.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.tokenizer, self.objective = tokenizer, objective or build_objective(cfg)
         self.load = self._plan_load()
-        vocab = _resolve_vocab(cfg, self.tokenizer)
-        if self.load and cfg.model.vocab_size is None:  # keep the saved padding (it grows with tp)
-            vocab = int(self.load.meta["model"]["vocab_size"])
-            if vocab % cfg.parallel.tp:
-                raise CheckpointError(
-                    f"checkpoint {self.load.path} has vocab_size {vocab}, not divisible by "
-                    f"parallel.tp = {cfg.parallel.tp}. Fix: choose a tp that divides it."
-                )
-        self.args = dataclasses.replace(cfg.model, vocab_size=vocab)
-        self.pipeline = cfg.parallel.pp > 1
-        if self.pipeline:
-            model = pipeline_module(
-                self.args,
-                self.topo,
-                seed=cfg.seed,
-                partition_method=cfg.parallel.partition_method,
-                checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
-            )
-            tied = {id(p) for p in model.tied_modules.parameters()} if self.topo.coord.pipe > 0 else set()
-        else:
-            model = GPT(
-                self.args,
-                tp_group=self.topo.tensor_group,
-                seed=cfg.seed,
-                checkpoint_interval=cfg.parallel.activation_checkpoint_interval,
-            )
-            tied = set()
+        saved = self.load.meta["model"] if self.load else None
+        self.args = build.model_args(cfg, tokenizer, saved)
+        model = model if model is not None else build.build_model(self.args, cfg, self.topo)
+        set_loss(model, self.objective.loss)
         if self.load:
-            check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path)
-            if self.load.mode != "resume":  # before DeepSpeed copies the weights into its fp32 masters
-                ckpt_load.copy_weights_into(model, self.load.path, self.topo)
-        groups = param_groups(model, cfg.optimizer.weight_decay)
-        adam = dict(
-            lr=cfg.optimizer.lr,
-            betas=tuple(cfg.optimizer.betas),
-            eps=cfg.optimizer.eps,
-            fused=cfg.optimizer.fused and fused_adamw_supported(self.device),
+            self._load_weights(model)
+        self._neo_optimizer = build.build_optimizer(model, cfg, self.topo, self.device)
+        self.engine, self.optimizer, self.scheduler = build.build_engine(
+            model, self._neo_optimizer, cfg, self.topo, self.device
         )
-        if neo_clips(cfg.zero.stage, cfg.precision.dtype):
-            optimizer = ClippingAdamW(
-                groups, topo=self.topo, max_norm=cfg.optimizer.grad_clip, skip=tied, **adam
-            )
-        else:
-            optimizer = torch.optim.AdamW(groups, **adam)
-        lr_fn = schedule_from_config(cfg.schedule, cfg.optimizer)
-        if self.device.type == "cpu" and cfg.zero.stage > 0:
-            fp32_zero_grad_norms()
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lambda opt: LRSchedule(opt, lr_fn),
-            config=neo_config.deepspeed_config(cfg),
-            mpu=self.topo if (self.topo.tp > 1 and not self.pipeline) else None,
-            dist_init_required=False,
-        )
-        self._neo_optimizer = optimizer
-        self.partitioning = self._describe_partitioning(model) if self.pipeline else None
+        self.pipeline = cfg.parallel.pp > 1
         self.iteration, self.consumed = 0, 0
         if self.load:
             self._finish_load()
+        self.datasets = datasets if datasets is not None else self.objective.build_datasets(
+            cfg, tokenizer, self._num_samples())  # fmt: skip
 
-        g, it = cfg.batch.global_batch_size, cfg.schedule.iterations
-        self.datasets = build_datasets(
-            train_paths=cfg.data.train_paths,
-            train_weights=cfg.data.train_weights,
-            valid_paths=cfg.data.valid_paths,
-            test_paths=cfg.data.test_paths,
-            split=cfg.data.split,
-            seq_length=cfg.model.seq_length,
-            seed=cfg.seed,
-            # every validation reads the same first eval.iters global batches, so curves are comparable
-            num_samples={"train": it * g, "valid": cfg.eval.iters * g, "test": cfg.eval.iters * g},
-            cache_dir=cfg.data.cache_dir,
-        )
+    def _num_samples(self) -> dict[str, int]:
+        """Samples each split must provide: every validation reads the same first eval.iters global batches,
+        so validation curves are comparable."""
+        g = self.cfg.batch.global_batch_size
+        evals = self.cfg.eval.iters * g
+        return {"train": self.cfg.schedule.iterations * g, "valid": evals, "test": evals}
 
     # ------------------------------------------------------------------ checkpoints
-    def _layout(self) -> dict:
+    def layout(self) -> dict:
         return {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "zero": self.cfg.zero.stage}
 
     def _plan_load(self) -> ckpt_load.LoadPlan | None:
@@ -212,9 +115,18 @@ class Trainer:
             path, weights_only = resolve(c.load), c.load_weights_only
         if path is None:
             return None
-        return ckpt_load.plan_load(path, self._layout(), weights_only)
+        return ckpt_load.plan_load(path, self.layout(), weights_only)
+
+    def _load_weights(self, model: torch.nn.Module) -> None:
+        """Weights go in before DeepSpeed copies them into its fp32 masters (except a same-layout resume,
+        where DeepSpeed loads its own state)."""
+        check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path)
+        if self.load.mode != "resume":
+            ckpt_load.copy_weights_into(model, self.load.path, self.topo)
 
     def _finish_load(self) -> None:
+        from neo.checkpoint import optimizer_state
+
         plan, meta = self.load, self.load.meta
         if plan.mode == "resume":
             ckpt_load.load(self.engine, plan.path)
@@ -228,52 +140,113 @@ class Trainer:
         log(f"neo: {plan.describe()}")
 
     def save(self) -> str:
-        meta = {
-            "consumed_samples": self.consumed,
-            "config": neo_config.to_dict(self.cfg),
-            "model": dataclasses.asdict(self.args),
-            "layout": self._layout(),
-            "tokenizer": self.tokenizer.name,
-            "tokenizer_spec": self.cfg.data.tokenizer,
-        }
-        path = ckpt_save.save(
-            self.engine,
-            self.cfg.checkpoint_dir,
-            self.iteration,
-            meta,
-            self.cfg.checkpoint.keep_last_n,
-            topo=self.topo,
-            zero_stage=self.cfg.zero.stage,
-        )
+        meta = {"consumed_samples": self.consumed, "config": to_dict(self.cfg), "model": dataclasses.asdict(self.args),
+                "layout": self.layout(), "tokenizer": self.tokenizer.name, "tokenizer_spec": self.cfg.data.tokenizer,
+                "objective": self.objective.name}  # fmt: skip
+        path = ckpt_save.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta,
+                              self.cfg.checkpoint.keep_last_n, topo=self.topo, zero_stage=self.cfg.zero.stage)  # fmt: skip
         log(f"neo: saved checkpoint {path}")
         return path
 
+    # ------------------------------------------------------------------ decisions
+    def should_validate(self) -> bool:
+        """Every eval.interval steps, and always after the last step (when eval.iters > 0)."""
+        e, last = self.cfg.eval, self.iteration == self.cfg.schedule.iterations
+        return bool(e.interval) and (self.iteration % e.interval == 0 or last) or (last and e.iters > 0)
+
+    def should_save(self) -> bool:
+        """A periodic save every checkpoint.save_interval steps (the end of a launch always saves)."""
+        n = self.cfg.checkpoint.save_interval
+        return bool(n) and self.iteration % n == 0 and self.iteration < self.cfg.schedule.iterations
+
+    def stop_reason(self, start_iteration: int, stop: StopFlag) -> tuple[str, int] | None:
+        """(why, exit code) when this launch should save and end before the schedule does, else None.
+
+        Every rank must call it after every step: the signal check is a collective."""
+        if self.iteration >= self.cfg.schedule.iterations:
+            return None
+        n = self.cfg.schedule.exit_interval
+        if n and self.iteration - start_iteration >= n:
+            return (f"neo: schedule.exit_interval reached after {self.iteration - start_iteration} steps in this "
+                    "launch; saving. Launch again to continue.", 0)  # fmt: skip
+        if stop.agreed(self.device):
+            return (f"neo: signal {stop.signum or 'on another rank'} received: saving and exiting with "
+                    f"{REQUEUE_EXIT} so the job can be requeued", REQUEUE_EXIT)  # fmt: skip
+        return None
+
     # ------------------------------------------------------------------ steps
-    def _batches(self, split: str, consumed: int):
-        from neo.data.dataset import micro_batches
+    def stream(self, split: str, consumed: int):
+        """This rank's micro-batches of ``split`` from sample ``consumed`` on."""
+        b = self.cfg.batch
+        return self.objective.batches(self.datasets[split], consumed=consumed, global_batch_size=b.global_batch_size,
+                                      micro_batch_size=b.micro_batch_size, dp_rank=self.topo.coord.data,
+                                      dp_size=self.topo.dp)  # fmt: skip
 
-        return micro_batches(
-            self.datasets[split],
-            consumed_samples=consumed,
-            global_batch_size=self.cfg.batch.global_batch_size,
-            micro_batch_size=self.cfg.batch.micro_batch_size,
-            dp_rank=self.topo.coord.data,
-            dp_size=self.topo.dp,
+    def _step_batches(self, stream) -> list[MicroBatch]:
+        micros = [next(stream) for _ in range(self.cfg.batch.grad_accum)]
+        micros = self.objective.start_step(micros, self._dp_sum)
+        return [m.to(self.device) for m in micros]
+
+    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(self.device).clone()
+        if self.topo.dp > 1:
+            dist.all_reduce(value, group=self.topo.dp_group)
+        return value
+
+    def train_step(self, stream) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the loss of the global batch."""
+        micros = self._step_batches(stream)
+        if self.pipeline:  # DeepSpeed runs the micro-batches through the stages and averages over DP
+            return float(self.engine.train_batch(data_iter=iter([(m.inputs, m.labels) for m in micros])))
+        total = torch.zeros((), device=self.device)
+        for m in micros:
+            loss = self.engine(m.inputs, labels=m.labels)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        return self._dp_mean(total / self.cfg.batch.grad_accum)
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        return (self._dp_sum(value) / self.topo.dp).item()
+
+    def _reduced_sums(self) -> dict[str, float]:
+        """The objective's metric sums since the last call, summed over data-parallel ranks and pipeline
+        stages (only the last stage computes the loss; tensor-parallel ranks hold the same values)."""
+        names, sums = self.objective.metric_sums, self.objective.pop_sums()
+        if not names:
+            return {}
+        vector = torch.tensor(
+            [float(sums.get(k, 0.0)) for k in names], dtype=torch.float64, device=self.device
         )
+        vector = self._dp_sum(vector)
+        if self.topo.pp > 1:
+            dist.all_reduce(vector, group=self.topo.pp_group)
+        return dict(zip(names, vector.tolist()))
 
-    def _describe_partitioning(self, module) -> str:
-        """Which layers each pipeline stage holds and its parameter count (on tensor rank 0)."""
-        names = [spec.typename.__name__ for spec in module._layer_specs]
-        local = sum(p.numel() for p in module.parameters())
-        counts: list = [None] * self.topo.world_size
-        dist.all_gather_object(counts, local)
-        lines = []
-        for stage in range(self.topo.pp):
-            lo, hi = module.parts[stage], module.parts[stage + 1]
-            kinds = ", ".join(f"{i}:{names[i]}" for i in range(lo, hi))
-            n = counts[self.topo.rank_of(stage, 0, 0)]
-            lines.append(f"  stage {stage}: layers [{lo}, {hi}) {kinds}; {n:,} parameters per TP rank")
-        return "\n".join(lines)
+    def objective_metrics(self) -> dict[str, float]:
+        """This step's metrics as the objective summarizes them (accuracy, margins, reward...)."""
+        return self.objective.summarize(self._reduced_sums())
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> dict[str, float] | None:
+        """The objective's validation metrics over the first eval.iters global batches of ``split``."""
+        if self.datasets.get(split) is None or self.cfg.eval.iters == 0:
+            return None
+        stream, total, n = self.stream(split, 0), torch.zeros((), device=self.device), 0
+        self.objective.pop_sums()
+        if not self.pipeline:
+            self.engine.eval()
+        for _ in range(self.cfg.eval.iters):
+            micros = self._step_batches(stream)
+            if self.pipeline:  # the mean over the step's micro-batches
+                loss = self.engine.eval_batch(data_iter=iter([(m.inputs, m.labels) for m in micros]))
+                total, n = total + loss.float().to(self.device).reshape(()), n + 1
+                continue
+            for m in micros:
+                total, n = total + self.engine(m.inputs, labels=m.labels).float(), n + 1
+        if not self.pipeline:
+            self.engine.train()
+        return self.objective.summarize_validation(self._dp_mean(total / n), self._reduced_sums())
 
     def _grad_norm(self) -> float | None:
         if isinstance(self._neo_optimizer, ClippingAdamW):
@@ -281,175 +254,77 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def train_step(self, batches) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss over the global batch."""
-        if self.pipeline:  # DeepSpeed runs the micro-batches through the stages and averages over DP
-            return float(self.engine.train_batch(data_iter=_inputs_and_labels(batches, self.device)))
-        total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.batch.grad_accum):
-            batch = next(batches).to(self.device, non_blocking=True)
-            loss = self.engine(batch[:, :-1], batch[:, 1:])
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach().float()
-        return _mean_over_dp(total / self.cfg.batch.grad_accum, self.topo)
+    def step_record(self, loss: float) -> dict:
+        from neo import ds_compat
 
-    @torch.no_grad()
-    def evaluate(self, split: str = "valid") -> float | None:
-        if self.datasets.get(split) is None or self.cfg.eval.iters == 0:
-            return None
-        batches = self._batches(split, 0)
-        total = torch.zeros((), device=self.device)
-        if self.pipeline:
-            data = _inputs_and_labels(batches, self.device)
-            for _ in range(self.cfg.eval.iters):
-                total += self.engine.eval_batch(data_iter=data).float().to(self.device).reshape(())
-            return _mean_over_dp(total / self.cfg.eval.iters, self.topo)
-        self.engine.eval()
-        n = self.cfg.eval.iters * self.cfg.batch.grad_accum
-        for _ in range(n):
-            batch = next(batches).to(self.device)
-            total += self.engine(batch[:, :-1], batch[:, 1:]).float()
-        self.engine.train()
-        return _mean_over_dp(total / n, self.topo)
+        record = {"step": self.iteration, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": self._grad_norm(), "samples": self.consumed}  # fmt: skip
+        if self.cfg.precision.dtype == "fp16":
+            record["loss_scale"] = ds_compat.loss_scale(self.engine)
+        return record
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         cfg, stop = self.cfg, StopFlag()
-        counts = parameter_count(self.args)
-        g, seq = cfg.batch.global_batch_size, cfg.model.seq_length
-        meter = Throughput(
-            g * seq,
-            flops_per_token(self.args),
-            self.env.world_size,
-            peak_tflops(cfg.precision.dtype, cfg.logging.peak_tflops),
-        )
-        writer = MetricsWriter(cfg.logging.dir, cfg.logging.tensorboard) if self.env.rank == 0 else None
-        log(
-            f"neo: model {counts['total'] / 1e6:.2f}M parameters ({counts['blocks'] / 1e6:.2f}M in blocks, "
-            f"vocab {self.args.vocab_size}); {flops_per_token(self.args) / 1e6:.1f} MFLOP/token; "
-            f"{self.topo.describe()}"
-        )
-        log(f"neo: {neo_config.batch_arithmetic(cfg)}")
-        if self.partitioning:
-            log(f"neo: pipeline partitioning ({cfg.parallel.partition_method}):\n{self.partitioning}")
+        meter = Throughput(cfg.batch.global_batch_size * cfg.model.seq_length, flops_per_token(self.args),
+                           self.env.world_size, peak_tflops(cfg.precision.dtype, cfg.logging.peak_tflops))  # fmt: skip
+        report = RunLog(cfg, rank=self.env.rank, meter=meter, start_iteration=self.iteration)
+        self._announce(report)
         if self.iteration >= cfg.schedule.iterations:
-            log(
-                f"neo: nothing to do: the checkpoint is at iteration {self.iteration} of {cfg.schedule.iterations}. "
-                "Raise schedule.iterations to train further."
-            )
+            report.say(f"neo: nothing to do: the checkpoint is at iteration {self.iteration} of "
+                       f"{cfg.schedule.iterations}. Raise schedule.iterations to train further.")  # fmt: skip
             return 0
         if self.load and self.load.mode == "reshape":
-            self._validate(writer, note="after loading into the new layout")
-        batches = self._batches("train", self.consumed)
-        start_iteration, run_start = self.iteration, time.perf_counter()
-        code = 0
+            self._validate(report, note="after loading into the new layout")
+        stream, start, code = self.stream("train", self.consumed), self.iteration, 0
         while self.iteration < cfg.schedule.iterations:
-            loss = self.train_step(batches)
+            loss = self.train_step(stream)
             self.iteration += 1
-            self.consumed += g
-            meter.step()
-            record = {
-                "step": self.iteration,
-                "loss": loss,
-                "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": self._grad_norm(),
-                "samples": self.consumed,
-            }
-            if cfg.precision.dtype == "fp16":
-                record["loss_scale"] = float(self.engine.optimizer.cur_scale)
-            if self.iteration % cfg.logging.interval == 0 or self.iteration == cfg.schedule.iterations:
-                record.update(meter.report(), memory_gb=memory_gb())
-                done = self.iteration - start_iteration
-                eta = (time.perf_counter() - run_start) / done * (cfg.schedule.iterations - self.iteration)
-                log(self._line(record, eta))
-            if writer:
-                writer.write(record)
-            last = self.iteration == cfg.schedule.iterations
-            if (
-                cfg.eval.interval
-                and (self.iteration % cfg.eval.interval == 0 or last)
-                or (last and cfg.eval.iters)
-            ):
-                self._validate(writer)
-            if (
-                cfg.checkpoint.save_interval
-                and self.iteration % cfg.checkpoint.save_interval == 0
-                and not last
-            ):
+            self.consumed += cfg.batch.global_batch_size
+            report.step(self.step_record(loss), self.objective_metrics())
+            if self.should_validate():
+                self._validate(report)
+            if self.should_save():
                 self.save()
-            if (
-                not last
-                and cfg.schedule.exit_interval
-                and self.iteration - start_iteration >= cfg.schedule.exit_interval
-            ):
-                log(
-                    f"neo: schedule.exit_interval reached after {self.iteration - start_iteration} steps in this launch; "
-                    "saving. Launch again to continue."
-                )
+            reason = self.stop_reason(start, stop)
+            if reason is not None:
+                report.say(reason[0])
+                code = reason[1]
                 break
-            if not last and stop.agreed(self.device):
-                log(
-                    f"neo: signal {stop.signum or 'on another rank'} received: saving and exiting with "
-                    f"{REQUEUE_EXIT} so the job can be requeued"
-                )
-                code = REQUEUE_EXIT
-                break
-        path = self.save()
-        if writer:
-            writer.write({"event": "end", "step": self.iteration, "exit_code": code, "checkpoint": path})
-            writer.close()
-        if code == 0:
-            log(
-                f"neo: done: {self.iteration} steps in {format_duration(time.perf_counter() - run_start)}. "
-                f"Checkpoint {path}; metrics {os.path.join(cfg.logging.dir, 'metrics.jsonl')}."
-            )
-            root = cfg.checkpoint_dir
-            held_out = (
-                " ".join(cfg.data.valid_paths)
-                if cfg.data.valid_paths
-                else " ".join(cfg.data.train_paths) + " --split valid"
-            )
-            log(
-                f'neo: next: python launch/generate.py {root} --prompt "Once" --max-new-tokens 50   (sample text)\n'
-                f"neo: next: python launch/evaluate.py {root} {held_out}   (loss, perplexity, bits per byte)"
-            )
+        report.end(self.iteration, code, self.save())
         return code
 
-    def _validate(self, writer, note: str = "") -> None:
-        valid = self.evaluate("valid")
-        if valid is None:
-            return
-        record = {"step": self.iteration, "valid_loss": valid, "valid_ppl": math.exp(min(valid, 50.0))}
-        if note:
-            record["note"] = note
-        log(
-            f"step {self.iteration:>6} | validation loss {valid:.4f} | perplexity {record['valid_ppl']:.2f}"
-            + (f" ({note})" if note else "")
-        )
-        if writer:
-            writer.write(record)
+    def _announce(self, report: RunLog) -> None:
+        counts = parameter_count(self.args)
+        report.say(f"neo: model {counts['total'] / 1e6:.2f}M parameters ({counts['blocks'] / 1e6:.2f}M in blocks, "
+                   f"vocab {self.args.vocab_size}); {flops_per_token(self.args) / 1e6:.1f} MFLOP/token; "
+                   f"objective {self.objective.name}; {self.topo.describe()}")  # fmt: skip
+        report.say(f"neo: {batch_arithmetic(self.cfg)}")
+        if self.pipeline:
+            report.say(f"neo: pipeline partitioning ({self.cfg.parallel.partition_method}):\n"
+                       f"{describe_partitioning(self.engine.module, self.topo)}")  # fmt: skip
 
-    def _line(self, r: dict, eta: float) -> str:
-        it = self.cfg.schedule.iterations
-        parts = [f"step {r['step']:>{len(str(it))}}/{it}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
-        if r.get("grad_norm") is not None:
-            parts.append(f"grad {r['grad_norm']:.3f}")
-        if "loss_scale" in r:
-            parts.append(f"scale {r['loss_scale']:.0f}")
-        parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
-        parts.append(
-            f"{r['tflops_per_device']:.2f} TFLOP/s" + (f" ({r['mfu']:.1%} MFU)" if "mfu" in r else "")
-        )
-        parts += [f"mem {r['memory_gb']:.2f} GB", f"eta {format_duration(eta)}"]
-        return " | ".join(parts)
+    def _validate(self, report: RunLog, note: str = "") -> None:
+        metrics = self.evaluate("valid")
+        if metrics is not None:
+            report.validation(self.iteration, metrics, note)
 
 
-def _inputs_and_labels(batches, device):
-    """Micro-batches as the pipeline engine wants them: (tokens, next tokens)."""
-    for batch in batches:
-        batch = batch.to(device, non_blocking=True)
-        yield batch[:, :-1], batch[:, 1:]
+def describe_partitioning(module, topo: Topology) -> str:
+    """Which layers each pipeline stage holds and its parameter count (on tensor rank 0)."""
+    from neo import ds_compat
+
+    names, parts = ds_compat.pipeline_layer_names(module), ds_compat.pipeline_parts(module)
+    local = sum(p.numel() for p in module.parameters())
+    counts: list = [None] * topo.world_size
+    dist.all_gather_object(counts, local)
+    lines = []
+    for stage in range(topo.pp):
+        lo, hi = parts[stage], parts[stage + 1]
+        kinds = ", ".join(f"{i}:{names[i]}" for i in range(lo, hi))
+        n = counts[topo.rank_of(stage, 0, 0)]
+        lines.append(f"  stage {stage}: layers [{lo}, {hi}) {kinds}; {n:,} parameters per TP rank")
+    return "\n".join(lines)
 
 
 def train(cfg: Config) -> int:
@@ -458,13 +333,11 @@ def train(cfg: Config) -> int:
 
     env = distributed.init()
     if env.world_size != cfg.world_size:
-        raise distributed.LaunchError(
-            f"the config was resolved for world size {cfg.world_size} but the job has "
-            f"{env.world_size} processes"
-        )
+        raise LaunchError(f"the config was resolved for world size {cfg.world_size} but the job has "
+                          f"{env.world_size} processes")  # fmt: skip
     trainer = Trainer(cfg, env)
     if env.rank == 0:
         os.makedirs(cfg.logging.dir, exist_ok=True)
         with open(os.path.join(cfg.logging.dir, "config.yml"), "w") as f:
-            f.write(neo_config.to_yaml(cfg))
+            f.write(to_yaml(cfg))
     return trainer.run()

@@ -46,13 +46,8 @@ class LRSchedule:
         self._apply()
 
 
-def schedule_from_config(schedule, optimizer_cfg):
-    """``fn(step) -> lr`` for the config's ``schedule`` and ``optimizer`` sections."""
-    return partial(
-        lr_at,
-        lr=optimizer_cfg.lr,
-        warmup=schedule.warmup,
-        decay=schedule.decay,
-        decay_iters=schedule.decay_iters or schedule.iterations,
-        min_lr=schedule.min_lr,
-    )
+def schedule_from_config(cfg):
+    """``fn(step) -> lr`` for a run's config (its ``schedule`` and ``optimizer`` sections)."""
+    sch = cfg.schedule
+    return partial(lr_at, lr=cfg.optimizer.lr, warmup=cfg.warmup_steps, decay=sch.decay,
+                   decay_iters=sch.decay_iters or sch.iterations, min_lr=sch.min_lr)  # fmt: skip

@@ -1,0 +1,106 @@
+"""Building a run's parts from its config, one function each: model shape, model, optimizer, engine.
+
+The Trainer composes these; tests and benchmarks call them (or hand the Trainer their own parts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from neo.config import Config, deepspeed_config
+from neo.errors import CheckpointError, ConfigError
+from neo.model.args import ModelArgs
+from neo.model.gpt import GPT, pipeline_module
+from neo.parallel.topology import Topology
+from neo.train.optim import (
+    ClippingAdamW,
+    fp32_zero_grad_norms,
+    fused_adamw_supported,
+    neo_clips,
+    param_groups,
+)
+from neo.train.schedule import LRSchedule, schedule_from_config
+
+
+def model_args(cfg: Config, tokenizer, saved_model: dict | None = None) -> ModelArgs:
+    """The model's shape: ``cfg.model`` with the vocabulary resolved from the tokenizer (or kept as a loaded
+    checkpoint saved it, since its padding is part of the weights)."""
+    from neo.data.tokenizer import padded_vocab_size
+
+    vocab = cfg.model.vocab_size
+    if vocab is None and saved_model is not None:
+        vocab = int(saved_model["vocab_size"])
+    elif vocab is None:
+        vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tp)
+    elif vocab < tokenizer.vocab_size:
+        raise ConfigError([f"model.vocab_size = {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                           f"tokens ({tokenizer.name}). Fix: remove model.vocab_size to use the tokenizer's "
+                           "padded size."])  # fmt: skip
+    if vocab % cfg.parallel.tp:
+        raise CheckpointError(f"the model's vocab_size {vocab} is not divisible by parallel.tp = "
+                              f"{cfg.parallel.tp}. Fix: choose a tp that divides it.")  # fmt: skip
+    return dataclasses.replace(cfg.model, vocab_size=vocab)
+
+
+def build_model(args: ModelArgs, cfg: Config, topo: Topology) -> torch.nn.Module:
+    """The plain model (pp = 1) or the DeepSpeed pipeline form (pp > 1) of the same layer list."""
+    if cfg.parallel.pp > 1:
+        return pipeline_module(args, topo, seed=cfg.seed, partition_method=cfg.parallel.partition_method,
+                               checkpoint_interval=cfg.parallel.activation_checkpoint_interval)  # fmt: skip
+    return GPT(args, tp_group=topo.tensor_group, seed=cfg.seed,
+               checkpoint_interval=cfg.parallel.activation_checkpoint_interval)  # fmt: skip
+
+
+def tied_copies(model: torch.nn.Module, topo: Topology) -> set[int]:
+    """Ids of parameters that duplicate another stage's (a tied embedding on the last pipeline stage): the
+    global gradient norm counts them once."""
+    if topo.pp > 1 and topo.coord.pipe > 0:
+        return {id(p) for p in model.tied_modules.parameters()}
+    return set()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, topo: Topology, device: torch.device):
+    """AdamW over the trainable parameters (decay on matrices only). neo clips in the optimizer itself in the
+    one mode where DeepSpeed would not report the norm (fp32 without ZeRO, see neo/train/optim.py)."""
+    o = cfg.optimizer
+    groups = param_groups(model, o.weight_decay)
+    adam = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=o.fused and fused_adamw_supported(device))
+    if neo_clips(cfg.zero.stage, cfg.precision.dtype):
+        return ClippingAdamW(groups, topo=topo, max_norm=o.grad_clip, skip=tied_copies(model, topo), **adam)
+    return torch.optim.AdamW(groups, **adam)
+
+
+def build_engine(model: torch.nn.Module, optimizer, cfg: Config, topo: Topology, device: torch.device):
+    """``deepspeed.initialize`` with neo's optimizer, LR schedule and process grid: (engine, optimizer, scheduler)."""
+    import deepspeed
+
+    if device.type == "cpu" and cfg.zero.stage > 0:
+        fp32_zero_grad_norms()
+    lr_fn = schedule_from_config(cfg)
+    engine, ds_optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lambda opt: LRSchedule(opt, lr_fn),
+        config=deepspeed_config(cfg), mpu=topo if (topo.tp > 1 and topo.pp == 1) else None,
+        dist_init_required=False,
+    )  # fmt: skip
+    return engine, ds_optimizer, scheduler
+
+
+def check_precision(cfg: Config, device: torch.device) -> str | None:
+    """Refuse fp16 on a CPU (DeepSpeed's CPU accelerator has none); a warning for emulated bf16, or None."""
+    if cfg.precision.dtype == "fp16" and device.type == "cpu":
+        raise ConfigError([
+            "precision.dtype = fp16 needs a GPU: DeepSpeed's CPU accelerator refuses fp16 ('Type fp16 is not "
+            "supported on your device'). Fix: use precision.dtype: fp32 on CPU (or bf16 where the CPU has "
+            "native bf16: AVX512-BF16 or AMX)."
+        ])  # fmt: skip
+    if (
+        cfg.precision.dtype == "bf16"
+        and device.type == "cpu"
+        and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        return (f"neo: warning: precision.dtype = bf16 on a CPU without native bf16 "
+                f"({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX): PyTorch emulates bf16 matrix "
+                "multiplies, measured ~250x slower than fp32 on such a CPU. Use precision.dtype: fp32 here.")  # fmt: skip
+    return None

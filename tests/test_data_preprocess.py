@@ -168,7 +168,8 @@ def test_cli_help_and_one_line_errors(tmp_path):
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert (
-        res.stderr.strip() == f"neo-preprocess: error: {tmp_path / 'missing.jsonl'}: no such file or directory "
+        res.stderr.strip()
+        == f"neo-preprocess: error: {tmp_path / 'missing.jsonl'}: no such file or directory "
         "(for a Hugging Face hub dataset write hf:NAME)"
     )
     (tmp_path / "a.jsonl").write_bytes(GOOD[0] + b"\n" + BAD["not JSON"][0] + b"\n")

@@ -221,15 +221,6 @@ def set_threads(env: DistEnv) -> int:
     return threads
 
 
-def _skip_shm_build() -> None:
-    """DeepSpeed compiles a shared-memory all-reduce helper with g++ at every start on CPU (30-65 s on a
-    fresh machine); it serves only its inference kernels, so neo tells it the op is unavailable."""
-    import importlib
-
-    ds_torch = importlib.import_module("deepspeed.comm.torch")
-    ds_torch.build_shm_op = lambda: None
-
-
 def device_for(env: DistEnv):
     """This rank's device: GPU ``local_rank`` with CUDA (made current), else the CPU."""
     import torch
@@ -294,7 +285,9 @@ def init(timeout_minutes: int = 30) -> DistEnv:
     device = device_for(env)
     import deepspeed
 
-    _skip_shm_build()
+    from neo import ds_compat
+
+    ds_compat.skip_shm_build()
     deepspeed.init_distributed(
         dist_backend=backend(),
         auto_mpi_discovery=False,

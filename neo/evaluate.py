@@ -17,10 +17,7 @@ directly equals its preprocessed ``.bin/.idx`` with ``split="all"`` (a test hold
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import json
-import lzma
 import math
 import os
 from collections.abc import Iterator
@@ -29,9 +26,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from neo.data.textio import open_text, strip_compression
+from neo.data.tokenizer import same_tokenizer
 from neo.errors import EvalError  # noqa: F401 - re-exported: part of this module's API
 
-OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 JSONL = (".jsonl", ".json", ".ndjson")
 
 
@@ -166,11 +164,6 @@ def token_file_stream(prefix: str, split: str, split_ratio: str, eod_id: int) ->
     return np.concatenate([[eod_id], tokens]), hi - lo
 
 
-def _open_text(path: str):
-    opener = OPENERS.get(os.path.splitext(path)[1], open)
-    return opener(path, "rt", encoding="utf-8", newline=None)
-
-
 def read_documents(path: str, text_key: str = "text") -> Iterator[str]:
     """Documents of a raw input: each JSONL record's ``text_key`` field, or a whole text file as one.
 
@@ -178,11 +171,9 @@ def read_documents(path: str, text_key: str = "text") -> Iterator[str]:
     """
     if not os.path.isfile(path):
         raise EvalError(f"{path}: no such file (and no {path}.bin/.idx token files)")
-    base = path
-    for ext in OPENERS:
-        base = base.removesuffix(ext)
+    base = strip_compression(path)
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             if base.endswith(JSONL):
                 for n, line in enumerate(f, 1):
                     if not line.strip():
@@ -251,7 +242,7 @@ def evaluate_path(
         from neo.data.indexed import IndexedTokens
 
         data = IndexedTokens(prefix)
-        if data.tokenizer and data.tokenizer != getattr(tokenizer, "name", data.tokenizer):
+        if data.tokenizer and not same_tokenizer(data.tokenizer, getattr(tokenizer, "name", data.tokenizer)):
             raise EvalError(
                 f"{prefix} was tokenized with {data.tokenizer!r}, the model uses {tokenizer.name!r}; "
                 "re-run preprocessing with the model's tokenizer"

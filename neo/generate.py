@@ -258,13 +258,16 @@ class Generator:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs
-    ) -> Generator:
-        """Load a checkpoint folder (or a checkpoint dir: its newest) saved with any tp/pp layout."""
+        cls, path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+        checksums: bool = True, **kwargs,
+    ) -> Generator:  # fmt: skip
+        """Load a checkpoint folder (or a checkpoint dir: its newest) saved with any tp/pp layout, after
+        verifying its files (``checksums=False``: sizes only)."""
         from neo.checkpoint import load_model, resolve_run_or_checkpoint
         from neo.data.tokenizer import load_tokenizer
 
-        model, _, meta = load_model(resolve_run_or_checkpoint(path), device=device, dtype=dtype)
+        path = resolve_run_or_checkpoint(path)
+        model, _, meta = load_model(path, device=device, dtype=dtype, checksums=checksums)
         spec = meta.get("tokenizer_spec") or meta.get("tokenizer")
         if not spec:
             raise GenerationError(f"checkpoint {path} does not record its tokenizer")

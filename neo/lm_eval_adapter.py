@@ -26,6 +26,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from neo.dtypes import default_device, torch_dtype
+
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
@@ -43,18 +45,6 @@ LOGITS_BUDGET = 1 << 27
 def rows_per_batch(batch_size: int, seq_length: int, vocab_size: int) -> int:
     """``batch_size``, lowered so one forward's fp32 logits stay within LOGITS_BUDGET (at least one row)."""
     return max(1, min(batch_size, LOGITS_BUDGET // max(1, seq_length * vocab_size)))
-
-
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-}
 
 
 @register_model("neo")
@@ -76,8 +66,8 @@ class NeoLM(TemplateLM):
         if generator is None:
             if checkpoint is None:
                 raise ValueError("NeoLM needs checkpoint=PATH (or a Generator)")
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+            device = device or default_device()
+            dt = torch_dtype(dtype)
             generator = Generator.from_checkpoint(str(checkpoint), device=device, dtype=dt)
         self.gen = generator
         self.model = generator.model

@@ -35,6 +35,44 @@ def make_tokens(folder: Path, *extra: str) -> str:
     return str(prefix)
 
 
+def _gpt2_byte_chars() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte (the ByteLevel alphabet), mapped back to the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def small_tokenizer(folder: Path, ranks: int = 1002) -> str:
+    """A byte-level BPE of ``ranks`` tokens trained on the sample corpus with the ``tokenizers`` library, saved
+    as a tiktoken rank file; neo adds the end-of-document token, so its vocabulary is ranks + 1 (1,003 by
+    default: not a multiple of anything a padding rule would round to)."""
+    import base64
+    import gzip
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    path = Path(folder) / f"bpe{ranks}.tiktoken"
+    if not path.exists():
+        with gzip.open(ROOT / "data" / "sample" / "austen.jsonl.gz", "rt", encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f][:2]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=ranks, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))  # fmt: skip
+        byte_of = _gpt2_byte_chars()
+        lines = [f"{base64.b64encode(bytes(byte_of[c] for c in token)).decode()} {rank}"
+                 for token, rank in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]  # fmt: skip
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
     env.update(PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")

@@ -78,10 +78,11 @@ def test_special_token_text_is_ordinary():
 
 def test_padded_vocab_size():
     assert padded_vocab_size(50257) == 50304
-    assert padded_vocab_size(50257, tp=2) == 50432
+    assert padded_vocab_size(50257, 256) == 50432
     assert padded_vocab_size(50304) == 50304
-    assert padded_vocab_size(100277, tp=4) == 100352
-    assert load_tokenizer("o200k_base").padded_vocab_size(tp=8) % 1024 == 0
+    assert padded_vocab_size(100277, 512) == 100352
+    assert padded_vocab_size(1003) == 1024
+    assert load_tokenizer("o200k_base").padded_vocab_size(1024) % 1024 == 0
 
 
 def test_local_tiktoken_file_known_and_custom(tmp_path):

@@ -17,7 +17,6 @@ TRAIN = (
     "eval.interval=5",
     "eval.iters=2",
     "logging.interval=5",
-    "model.vocab_size=50432",
     "batch.global_batch_size=8",
 )
 
@@ -50,9 +49,13 @@ def ref(sample_tokens, tmp_path_factory):
         (2, ("parallel.pp=2", "zero.stage=1", "batch.micro_batch_size=2")),
         (4, ("parallel.pp=2", "batch.micro_batch_size=2")),  # pp 2 x dp 2
         (4, ("parallel.pp=2", "parallel.tp=2", "batch.micro_batch_size=4")),  # pp 2 x tp 2
+        (
+            8,
+            ("parallel.pp=2", "parallel.tp=2", "zero.stage=1", "batch.micro_batch_size=2"),
+        ),  # pp2 x tp2 x dp2
         (2, ("parallel.pp=2", "parallel.partition_method=uniform", "batch.micro_batch_size=4")),
     ],
-    ids=["pp2", "pp2-8micro", "pp2-zero1", "pp2xdp2", "pp2xtp2", "pp2-uniform"],
+    ids=["pp2", "pp2-8micro", "pp2-zero1", "pp2xdp2", "pp2xtp2", "pp2xtp2xdp2", "pp2-uniform"],
 )
 def test_pipeline_equals_single_process(ref, sample_tokens, tmp_path, nproc, extra):
     """fp32, 10 steps: train and validation losses within 1e-4 relative of one process."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
-from runs import BF16_FIRST_STEPS, run_training
+from runs import BF16_FIRST_STEPS, ROOT, TINY, clean_env, make_tokens, run_training
 
 STEPS = 10
 COMMON = (
@@ -126,3 +129,48 @@ def test_fp16_on_cpu_is_one_clear_message(sample_tokens, tmp_path):
 def test_missing_data_is_one_clear_message(tmp_path):
     run = run_training(tmp_path, f"data.train_paths=[{tmp_path}/nothing]", check=False)
     assert run.returncode == 2 and "nothing" in run.output and "Traceback" not in run.output
+
+
+def test_data_from_another_tokenizer_is_refused(tmp_path):
+    """Tokens made with cl100k_base, a run configured for gpt2: exit 2 before training, naming both."""
+    prefix = make_tokens(tmp_path / "cl100k", "--tokenizer", "cl100k_base")
+    run = run_training(tmp_path / "run", f"data.train_paths=[{prefix}]", check=False)
+    assert run.returncode == 2 and "Traceback" not in run.output, run.output[-3000:]
+    assert "tokenized with 'cl100k_base' but the run uses 'gpt2'" in run.output and not run.records
+
+
+@pytest.mark.parametrize("front_end", ["launch/train.py", "neo-train", "neo train", "python -m neo.config"])
+def test_a_broken_config_is_one_line_and_exit_2(tmp_path, front_end):
+    cmd = {"launch/train.py": [sys.executable, str(ROOT / "launch" / "train.py")],
+           "neo-train": [str(Path(sys.executable).parent / "neo-train")],
+           "neo train": [str(Path(sys.executable).parent / "neo"), "train"],
+           "python -m neo.config": [sys.executable, "-m", "neo.config"]}[front_end]  # fmt: skip
+    proc = subprocess.run([*cmd, TINY, "--set", "model.hiden_size=3", "--set", f"logging.dir={tmp_path}"],
+                          capture_output=True, text=True, env=clean_env(), timeout=120)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "unknown key 'model.hiden_size'" in lines[0] and "Did you mean 'model.hidden_size'" in lines[0]
+
+
+def test_cpu_optimizer_offload_and_tensorboard_for_real(sample_tokens, tmp_path):
+    """ZeRO-1 with the optimizer offloaded to the CPU trains as ZeRO-1 does (1e-5), resumes bit for bit from
+    neo's checkpoint, and TensorBoard gets the same scalars as metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = (f"data.train_paths=[{sample_tokens}]", "schedule.iterations=4", "logging.interval=1",
+            "eval.interval=0", "checkpoint.save_interval=2", "zero.stage=1")  # fmt: skip
+    plain = run_training(tmp_path / "zero1", *args)
+    offload = run_training(
+        tmp_path / "offload", *args, "zero.offload_optimizer=cpu", "logging.tensorboard=true"
+    )
+    assert rel_diff(offload.losses, plain.losses) <= 1e-5
+    split = tmp_path / "split"
+    run_training(split, *args, "zero.offload_optimizer=cpu", "schedule.exit_interval=2")
+    resumed = run_training(split, *args, "zero.offload_optimizer=cpu")
+    assert "resumed from" in resumed.output and resumed.losses[-2:] == offload.losses[-2:]
+    events = EventAccumulator(str(tmp_path / "offload" / "tensorboard"))
+    events.Reload()
+    scalars = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert scalars == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in offload.records if "loss" in r
+    ]

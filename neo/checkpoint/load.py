@@ -1,7 +1,10 @@
 """Starting a run from a checkpoint: what to load (a plan), and loading it into a built model and engine.
 
-A plan is ``resume`` (the same tp/pp/dp/ZeRO layout), ``reshape`` (another layout: weights and Adam
-state re-split from neo's own files) or ``weights`` (fine-tuning: weights only, iteration 0).
+A plan is ``resume`` (the same tp/pp/dp/ZeRO layout), ``reshape`` (another layout) or ``weights``
+(fine-tuning: weights only, iteration 0, fresh optimizer). Resume and reshape load the same files the
+same way: the weights go into the model before DeepSpeed builds its fp32 masters from them, then Adam's
+state, the LR schedule, the loss scaler and DeepSpeed's step counters are set in the built engine. A
+resume also restores each rank's random streams, so it continues bit for bit as if never stopped.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from neo.checkpoint import optimizer_state
+from neo.checkpoint.files import has_checksums, verify
 from neo.checkpoint.layout import canonical_name
-from neo.checkpoint.manifest import read_meta, verify
+from neo.checkpoint.manifest import read_meta
 from neo.checkpoint.rng import set_rng_state
 from neo.checkpoint.tensors import ShardedTensors, local_slice
 from neo.errors import CheckpointError
@@ -27,53 +31,54 @@ def _rank() -> int:
 
 @dataclass
 class LoadPlan:
-    """How a run starts from a checkpoint.
+    """How a run starts from a checkpoint (see the module docstring).
 
-    resume: DeepSpeed's full state (weights, optimizer, LR schedule, RNG) in the same layout;
-    reshape: another (tp, pp, dp, ZeRO) layout: weights and optimizer state (Adam moments, step count, fp32
-    masters) from neo's own files, re-split for this layout; iteration, data position and LR schedule kept.
-    The optimizer starts fresh only where neo cannot carry it (``optimizer_fresh`` says why: a checkpoint
-    from before neo saved optimizer state, or an optimizer wrapper neo cannot reach);
-    weights: fine-tuning: weights only, iteration 0, fresh optimizer.
-    """
+    ``optimizer_fresh`` says why the optimizer state was not carried over, when it was not (a checkpoint
+    from before neo saved optimizer state)."""
 
     path: str
     mode: str
     meta: dict
     saved_layout: dict
-    optimizer_fresh: str | None = None  # reshape: why the optimizer state was not carried over, if it was not
+    verified: str = (
+        "checksums"  # "checksums", "sizes" (checkpoint.verify off) or "sizes (no checksums saved)"
+    )
+    optimizer_fresh: str | None = None
 
     def describe(self) -> str:
         it, n = self.meta["iteration"], self.meta["consumed_samples"]
+        checked = f"; files verified by {self.verified}"
         if self.mode == "resume":
-            return f"resumed from {self.path} (iteration {it}, {n:,} samples consumed)"
+            return f"resumed from {self.path} (iteration {it}, {n:,} samples consumed{checked})"
         if self.mode == "weights":
-            return f"loaded the weights of {self.path} (iteration {it}); starting at iteration 0, fresh optimizer"
+            return (f"loaded the weights of {self.path} (iteration {it}{checked}); starting at iteration 0, "
+                    "fresh optimizer")  # fmt: skip
         s = self.saved_layout
-        head = (
-            f"loaded {self.path} (iteration {it}, {n:,} samples) saved with tp={s.get('tp')} pp={s.get('pp')} "
-            f"dp={s.get('dp')} zero={s.get('zero')} into this layout: "
-        )
+        head = (f"loaded {self.path} (iteration {it}, {n:,} samples{checked}) saved with tp={s.get('tp')} "
+                f"pp={s.get('pp')} dp={s.get('dp')} zero={s.get('zero')} into this layout: ")  # fmt: skip
         if self.optimizer_fresh is None:
             saved = self.meta.get("optimizer_state") or {}
             masters = ", fp32 master weights" if saved.get("masters") else ""
-            return head + (
-                f"weights, optimizer state (Adam moments at step {saved.get('step')}{masters}), "
-                "iteration, data position and LR schedule carried over"
-            )
-        return head + (
-            "weights, iteration, data position and LR schedule carried over; the optimizer state "
-            f"(Adam moments) starts fresh: {self.optimizer_fresh}"
-        )
+            return head + (f"weights, optimizer state (Adam moments at step {saved.get('step')}{masters}), "
+                           "iteration, data position and LR schedule carried over")  # fmt: skip
+        return head + ("weights, iteration, data position and LR schedule carried over; the optimizer state "
+                       f"(Adam moments) starts fresh: {self.optimizer_fresh}")  # fmt: skip
 
 
-def plan_load(path: str, layout: dict, weights_only: bool) -> LoadPlan:
+def plan_load(path: str, layout: dict, weights_only: bool, checksums: bool = True) -> LoadPlan:
+    """Read and verify checkpoint ``path`` (sizes always; contents with ``checksums``) and plan its loading."""
     meta = read_meta(path)
-    verify(path, meta)
+    verify(path, meta, checksums=checksums)
+    if not checksums:
+        verified = "sizes (checkpoint.verify is off: contents not checked)"
+    else:
+        verified = (
+            "checksums" if has_checksums(meta) else "sizes (it has no checksums: saved by an older neo)"
+        )
     saved = meta.get("layout", {})
     same = all(saved.get(k) == layout[k] for k in ("tp", "pp", "dp", "zero"))
     mode = "weights" if weights_only else ("resume" if same else "reshape")
-    return LoadPlan(path, mode, meta, saved)
+    return LoadPlan(path, mode, meta, saved, verified)
 
 
 def copy_weights_into(module: torch.nn.Module, path: str, topo) -> None:
@@ -93,18 +98,18 @@ def copy_weights_into(module: torch.nn.Module, path: str, topo) -> None:
             p.copy_(local_slice(full, p, topo, key).to(p.dtype))
 
 
-def load(engine, path: str) -> None:
-    """Resume DeepSpeed's full state (all ranks) and this rank's RNG streams from ``path``."""
-    root, tag = os.path.split(os.path.normpath(path))
-    try:
-        loaded, _ = engine.load_checkpoint(root, tag=tag)
-    except Exception as e:  # noqa: BLE001 - DeepSpeed raises many types for damaged files
-        raise CheckpointError(
-            f"DeepSpeed could not load {path}: {type(e).__name__}: {e}. Fix: load an earlier "
-            "checkpoint (delete this folder)."
-        ) from None
-    if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}; files are missing or unreadable.")
-    rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+def restore_training_state(engine, scheduler, plan: LoadPlan, topo) -> None:
+    """After ``deepspeed.initialize``: Adam's state, the LR schedule, the loss scaler and DeepSpeed's step
+    counters (any layout), and on a resume each rank's random streams. No collectives."""
+    from neo import ds_compat
+
+    meta = plan.meta
+    plan.optimizer_fresh = optimizer_state.restore(engine, plan.path, meta, topo)
+    scheduler.load_state_dict(meta.get("lr_schedule") or {"last_step": int(meta["iteration"])})
+    if meta.get("engine"):
+        ds_compat.set_engine_state(engine, meta["engine"])
+    rng_file = os.path.join(plan.path, "rng", f"rank_{_rank():05d}.safetensors")
+    if plan.mode == "resume" and os.path.isfile(rng_file):
+        from safetensors.torch import load_file
+
+        set_rng_state(load_file(rng_file))

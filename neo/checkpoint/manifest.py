@@ -1,7 +1,8 @@
 """``neo.json``: what a checkpoint holds, written last so that a checkpoint without it was never published.
 
 It records the run (config, model shape, layout, tokenizer), the iteration and data position, and every
-file with its size, so that a truncated or missing file is refused before anything is loaded.
+file with its size and sha256, so that a truncated, missing or damaged file is refused before anything is
+loaded (``neo/checkpoint/files.py``).
 """
 
 from __future__ import annotations
@@ -21,32 +22,6 @@ def atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def file_sizes(folder: str) -> dict[str, int]:
-    """Every file below ``folder`` (relative path -> bytes)."""
-    sizes = {}
-    for dirpath, _, files in os.walk(folder):
-        for f in files:
-            full = os.path.join(dirpath, f)
-            sizes[os.path.relpath(full, folder)] = os.path.getsize(full)
-    return sizes
-
-
-def verify(path: str, meta: dict) -> None:
-    """Every file the manifest lists is present with its recorded size."""
-    for rel, size in meta.get("files", {}).items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            raise CheckpointError(
-                f"checkpoint {path} is incomplete: {rel} is missing. Fix: load an earlier "
-                "checkpoint (delete this folder and `latest` falls back to the previous one)."
-            )
-        if os.path.getsize(full) != size:
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt: {rel} has {os.path.getsize(full):,} bytes, "
-                f"{size:,} were written. Fix: load an earlier checkpoint (delete this folder)."
-            )
 
 
 def read_meta(path: str) -> dict:

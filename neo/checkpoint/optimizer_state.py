@@ -30,8 +30,9 @@ import os
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
+from neo import ds_compat
+from neo.checkpoint.files import write_safetensors
 from neo.checkpoint.layout import canonical_name, shard_file
 from neo.checkpoint.tensors import ShardedTensors, local_slice
 from neo.errors import CheckpointError
@@ -118,11 +119,7 @@ class _Unfused(_TorchAdam):
 
     def __init__(self, wrapper):
         super().__init__(wrapper.optimizer)
-        self.master = {
-            id(lp): hp
-            for lps, hps in zip(wrapper.fp16_groups, wrapper.fp32_groups)
-            for lp, hp in zip(lps, hps)
-        }
+        self.master = ds_compat.unfused_masters(wrapper)
 
     def read(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         hp = self.master[id(p)]
@@ -152,14 +149,9 @@ class _Fragments(_Accessor):
     def __init__(self, wrapper):
         self.wrapper, self.optimizer = wrapper, wrapper.optimizer
 
-    def _link(self) -> None:
-        self.wrapper._hp_optimizer_states_linked = False
-        self.wrapper._lazy_init_hp_params_optimizer_state()
-
     def before_read(self) -> None:
-        """Link again: ZeRO-1/2 links the fragments right after stepping its first parameter group, before the
-        other groups have any state, so their parameters would have none (DeepSpeed 0.19)."""
-        self._link()
+        """Link the fragments again, now that every group has state (see ``ds_compat.link_fragments``)."""
+        ds_compat.link_fragments(self.wrapper)
 
     def read(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         """Full tensors (all-reduced over the data-parallel group: every rank calls this, in the same order)."""
@@ -170,7 +162,7 @@ class _Fragments(_Accessor):
         for group in self.optimizer.param_groups:
             for hp in group["params"]:
                 self.optimizer.state[hp] = _fresh_adam_state(group, hp, step)
-        self._link()
+        ds_compat.link_fragments(self.wrapper)
 
     def write(self, p: torch.nn.Parameter, full: dict[str, torch.Tensor], topo, key: str) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -193,17 +185,14 @@ class _Zero3(_Accessor):
 
     def prepare(self, step: int) -> None:
         """Create Adam's state for each flat fp32 sub-group (ZeRO-3 makes it in the first step)."""
-        w = self.wrapper
-        for i, hp in enumerate(w.fp32_partitioned_groups_flat):
-            self.optimizer.state[hp] = _fresh_adam_state(
-                self.optimizer.param_groups[w.sub_group_to_group_id[i]], hp, step
-            )
+        for hp, group in ds_compat.zero3_flat_groups(self.wrapper):
+            self.optimizer.state[hp] = _fresh_adam_state(self.optimizer.param_groups[group], hp, step)
 
     def _own_slice(self, full: torch.Tensor, p: torch.nn.Parameter, topo, name: str) -> torch.Tensor:
         """This rank's partition of ``p``'s value: the flat tensor cut in equal, zero-padded slices."""
-        flat = local_slice(full, p, topo, name, shape=p.ds_shape).reshape(-1).float()
-        size = p.ds_tensor.numel()
-        rank = dist.get_rank(group=getattr(p, "ds_process_group", None) or self.wrapper.dp_process_group)
+        shape, size, group = ds_compat.zero3_partition(p, self.wrapper)
+        flat = local_slice(full, p, topo, name, shape=shape).reshape(-1).float()
+        rank = dist.get_rank(group=group)
         part = flat[rank * size : (rank + 1) * size]
         return torch.cat([part, part.new_zeros(size - part.numel())]) if part.numel() < size else part
 
@@ -218,51 +207,53 @@ class _Zero3(_Accessor):
 
 def accessor(engine):
     """The accessor for the optimizer DeepSpeed built, or a sentence saying why neo cannot reach its state."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    opt = engine.optimizer
+    kinds, opt = ds_compat.optimizer_kinds(), engine.optimizer
     if isinstance(opt, torch.optim.Optimizer):
         return _adam_problem(opt) or _TorchAdam(opt)
     inner = getattr(opt, "optimizer", None)
     problem = _adam_problem(inner)
     if problem:
         return problem
-    if isinstance(opt, FP16_UnfusedOptimizer):
+    if isinstance(opt, kinds["unfused"]):
         return _Unfused(opt)
-    if isinstance(opt, (DeepSpeedZeroOptimizer, BF16_Optimizer)):
-        if not hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+    if isinstance(opt, kinds["fragments"]):
+        if not ds_compat.can_link_fragments(opt):
             return f"this DeepSpeed version's {type(opt).__name__} has no way to link new optimizer state"
         return _Fragments(opt)
-    if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-        if getattr(opt, "swap_optimizer", False):
+    if isinstance(opt, kinds["zero3"]):
+        if ds_compat.swaps_optimizer(opt):
             return "ZeRO-3 swaps the optimizer state to NVMe, where neo cannot set it"
         return _Zero3(opt)
     return f"DeepSpeed wrapped the optimizer in {type(opt).__name__}, whose state neo cannot reach"
 
 
-def save(engine, folder: str, topo) -> dict | None:
+def save(engine, folder: str, topo) -> tuple[dict | None, dict[str, dict]]:
     """Write this (tensor, pipeline) rank's optimizer state under ``folder/optim`` (all ranks call).
 
-    Returns what ``neo.json`` records (Adam's step count), or None when there is nothing to carry: a
-    layout neo cannot read, or an optimizer that has not stepped yet.
+    Returns what ``neo.json`` records (Adam's step count; None before the first step, when there is nothing
+    to carry) and the manifest records of the files this rank wrote.
     """
     acc = accessor(engine)
-    if isinstance(acc, str) or acc.step() is None:
-        return None
+    if isinstance(acc, str):
+        raise CheckpointError(f"neo cannot save this run's optimizer state: {acc}. Fix: use torch's AdamW "
+                              "through neo's optimizer settings (optimizer.type: adamw).")  # fmt: skip
+    if acc.step() is None:
+        return None, {}
     acc.before_read()
     tensors: dict[str, torch.Tensor] = {}
     for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen: no optimizer state
         values = acc.read(p)  # collectives over the data-parallel group for ZeRO: all ranks, same order
         if topo.coord.data == 0:
             for kind, v in values.items():
                 tensors[f"{canonical_name(name)}.{kind}"] = v.detach().to("cpu", copy=True).contiguous()
+    records = {}
     if topo.coord.data == 0:
         os.makedirs(os.path.join(folder, FOLDER), exist_ok=True)
-        save_file(tensors, os.path.join(folder, shard_file(FOLDER, topo.coord.tensor, topo.coord.pipe)))
-    return {"step": acc.step(), "masters": any(k.endswith("." + MASTER) for k in tensors)}
+        rel = shard_file(FOLDER, topo.coord.tensor, topo.coord.pipe)
+        records[rel] = write_safetensors(os.path.join(folder, rel), tensors)
+    return {"step": acc.step(), "masters": any(k.endswith("." + MASTER) for k in tensors)}, records
 
 
 def restore(engine, path: str, meta: dict, topo) -> str | None:
@@ -280,6 +271,8 @@ def restore(engine, path: str, meta: dict, topo) -> str | None:
     reader, weights = ShardedTensors(path, meta, FOLDER), ShardedTensors(path, meta, "weights")
     acc.prepare(int(saved["step"]))
     for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen: no optimizer state
         key = canonical_name(name)
         if not reader.has(key, MOMENTS[0]):
             raise CheckpointError(

@@ -1,8 +1,16 @@
-"""Writing a checkpoint so that it is either complete or invisible.
+"""Writing a checkpoint so that it is either complete or invisible, in neo's own format only.
 
-Every rank writes under ``.tmp-<tag>``; after a barrier rank 0 writes ``neo.json`` (the manifest),
-renames the folder to its final tag and atomically replaces ``latest``. Older checkpoints are pruned
-only after that, so a crash at any moment leaves the previous checkpoint loadable.
+A checkpoint holds everything a run needs to continue exactly, in any layout, and nothing twice:
+
+    weights/tp{t}-pp{p}.safetensors   the module's parameters under the plain model's names (one per TP x PP rank)
+    optim/tp{t}-pp{p}.safetensors     Adam's moments (+ fp32 masters where the module is bf16/fp16)
+    rng/rank_{r}.safetensors          each rank's random streams
+    neo.json                          the manifest: run config, model shape, layout, iteration, data position,
+                                      LR schedule, loss scaler, and every file with its size and sha256
+
+Every rank writes under ``.tmp-<tag>``; after a barrier rank 0 writes ``neo.json``, renames the folder to its
+final tag and atomically replaces ``latest``. Older checkpoints are pruned only after that, so a crash at any
+moment leaves the previous checkpoint loadable. No pickle is written or read.
 """
 
 from __future__ import annotations
@@ -14,12 +22,12 @@ import shutil
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 import neo
 from neo.checkpoint import optimizer_state
+from neo.checkpoint.files import write_safetensors
 from neo.checkpoint.layout import META, canonical_name, complete_tags, shard_file, tag_for
-from neo.checkpoint.manifest import atomic_write, file_sizes
+from neo.checkpoint.manifest import atomic_write
 from neo.checkpoint.rng import rng_state
 
 
@@ -32,54 +40,63 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _save_weights(module: torch.nn.Module, folder: str, topo, zero_stage: int) -> dict[str, int | None]:
-    """Write this (tensor, pipeline) rank's weights once per data-parallel group; return split dims."""
+def _save_weights(module: torch.nn.Module, folder: str, topo, zero_stage: int) -> tuple[dict, dict]:
+    """Write this (tensor, pipeline) rank's weights once per data-parallel group.
+
+    Returns (split dimension of every parameter, manifest records of the files written)."""
     gather = contextlib.nullcontext()
     if zero_stage == 3:
         from neo import ds_compat
 
         gather = ds_compat.gathered_parameters(list(module.parameters()))
     splits = {canonical_name(n): getattr(p, "tp_split_dim", None) for n, p in module.named_parameters()}
+    records = {}
     with gather:
         if topo.coord.data == 0:
-            state = {
-                canonical_name(n): t.detach().cpu().clone().contiguous()
-                for n, t in module.state_dict().items()
-                if canonical_name(n) in splits
-            }
+            state = {canonical_name(n): t.detach().cpu() for n, t in module.state_dict().items()
+                     if canonical_name(n) in splits}  # fmt: skip
             os.makedirs(os.path.join(folder, "weights"), exist_ok=True)
-            save_file(state, os.path.join(folder, shard_file("weights", topo.coord.tensor, topo.coord.pipe)))
-    return splits
+            rel = shard_file("weights", topo.coord.tensor, topo.coord.pipe)
+            records[rel] = write_safetensors(os.path.join(folder, rel), state)
+    return splits, records
 
 
-def _gather_splits(splits: dict) -> dict:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, splits)
-        splits = {k: v for part in gathered for k, v in part.items()}
-    return splits
+def _save_rng(folder: str) -> dict:
+    os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
+    rel = os.path.join("rng", f"rank_{_rank():05d}.safetensors")
+    return {rel: write_safetensors(os.path.join(folder, rel), rng_state())}
+
+
+def _gather(part: dict) -> dict:
+    """The union of every rank's dict (rank 0 uses it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return part
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, part)
+    return {k: v for p in gathered for k, v in p.items()}
 
 
 def save(
-    engine, root: str, iteration: int, meta: dict, keep_last_n: int | None, topo=None, zero_stage: int = 0
+    engine, root: str, iteration: int, meta: dict, keep_last_n: int | None, topo, zero_stage: int = 0
 ) -> str:
-    """Save a checkpoint of ``engine`` at ``iteration`` and publish it atomically (all ranks call)."""
+    """Save a checkpoint of ``engine`` at ``iteration`` and publish it atomically (all ranks call).
+
+    ``meta`` is what the run records beside the tensors (config, model shape, layout, data position, the LR
+    schedule's and the loss scaler's state...)."""
     tag, tmp_tag = tag_for(iteration), ".tmp-" + tag_for(iteration)
     tmp_dir, final_dir = os.path.join(root, tmp_tag), os.path.join(root, tag)
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
-    os.makedirs(os.path.join(tmp_dir, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(tmp_dir, "rng", f"rank_{_rank():05d}.pt"))
-    splits = _save_weights(engine.module, tmp_dir, topo, zero_stage) if topo is not None else {}
-    optim = optimizer_state.save(engine, tmp_dir, topo) if topo is not None else None
-    splits = _gather_splits(splits)
+    splits, files = _save_weights(engine.module, tmp_dir, topo, zero_stage)
+    optim, optim_files = optimizer_state.save(engine, tmp_dir, topo)
+    files = _gather({**files, **optim_files, **_save_rng(tmp_dir)})
+    splits = _gather(splits)
     _barrier()
     if _rank() == 0:
         meta = dict(meta, iteration=iteration, neo_version=neo.__version__, tp_split=splits)
-        meta.update(optimizer_state=optim, files=file_sizes(tmp_dir))
+        meta.update(optimizer_state=optim, files=dict(sorted(files.items())))
         atomic_write(os.path.join(tmp_dir, META), json.dumps(meta, indent=1))
         if os.path.isdir(final_dir):  # a re-save of the same step (e.g. a signal right after a save)
             shutil.rmtree(final_dir)

@@ -11,8 +11,9 @@ import os
 import torch
 from safetensors import safe_open
 
+from neo.checkpoint.files import verify
 from neo.checkpoint.layout import resolve, shard_file
-from neo.checkpoint.manifest import read_meta, verify
+from neo.checkpoint.manifest import read_meta
 from neo.errors import CheckpointError
 
 
@@ -79,11 +80,12 @@ def local_slice(full: torch.Tensor, p: torch.nn.Parameter, topo, name: str, shap
     return part
 
 
-def load_full_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The unsplit model weights of checkpoint ``path`` (TP shards concatenated, PP stages joined)."""
+def load_full_weights(path: str, *, checksums: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """The unsplit model weights of checkpoint ``path`` (TP shards concatenated, PP stages joined), after
+    verifying its files (sizes, and contents unless ``checksums`` is False)."""
     path = resolve(path)
     meta = read_meta(path)
-    verify(path, meta)
+    verify(path, meta, checksums=checksums)
     weights = ShardedTensors(path, meta, "weights")
     return {name: weights.get(name) for name in weights.names()}, meta
 
@@ -112,7 +114,8 @@ def check_compatible(meta: dict, model: dict, path: str) -> None:
         )
 
 
-def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+               checksums: bool = True):  # fmt: skip
     """A plain (tp = 1, pp = 1) ``GPT`` with the weights of checkpoint ``path``, in eval mode.
 
     Returns (model, ModelArgs, meta). Works for any tp/pp/dp/ZeRO layout the checkpoint was saved with.
@@ -120,7 +123,7 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     from neo.model.args import ModelArgs
     from neo.model.gpt import GPT
 
-    state, meta = load_full_weights(path)
+    state, meta = load_full_weights(path, checksums=checksums)
     args = ModelArgs(**meta["model"])
     model = GPT(args)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -6,26 +6,18 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from neo.dtypes import DTYPE_NAMES, SHORT_NAMES, default_device, torch_dtype
 from neo.errors import NeoError
 
-# Command-line dtype names -> torch dtype attribute names (torch is imported only when one is used).
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
-
-
-def torch_dtype(name: str | None):
-    """The torch dtype of a command-line name (fp32, bf16, fp16, fp64); None stays None."""
-    if name is None:
-        return None
-    import torch
-
-    return getattr(torch, DTYPE_NAMES[name])
-
-
-def default_device() -> str:
-    """Where inference runs unless --device says otherwise: the GPU when there is one."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+__all__ = [
+    "DTYPE_NAMES",
+    "SHORT_NAMES",
+    "add_config_arguments",
+    "default_device",
+    "guarded",
+    "report",
+    "torch_dtype",
+]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:

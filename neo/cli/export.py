@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="export weights in this dtype (default: as saved)",
     )
     parser.add_argument("--tokenizer", default="gpt2", help="with --from-hf: the tokenizer spec to record")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="check checkpoint file sizes only, not their sha256 (faster; logged)")  # fmt: skip
     return parser
 
 
@@ -60,7 +62,11 @@ def _run(args: argparse.Namespace) -> int:
             f"checkpoint.load={result['path']} --set checkpoint.load_weights_only=true"
         )
         return 0
-    result = export_checkpoint(args.source, args.output, torch_dtype(args.dtype))
+    if args.no_verify:
+        print("neo: --no-verify: checkpoint file contents were not checked (sizes only)", file=sys.stderr)
+    result = export_checkpoint(
+        args.source, args.output, torch_dtype(args.dtype), checksums=not args.no_verify
+    )
     tok = "with tokenizer files" if result["tokenizer"] else (
         f"without tokenizer files ({result['tokenizer_spec']} has no transformers GPT-2 BPE form)")  # fmt: skip
     print(

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-from neo.cli.common import DTYPE_NAMES, default_device, guarded, torch_dtype
+from neo.cli.common import SHORT_NAMES, default_device, guarded, torch_dtype
 from neo.errors import GenerationError, UsageError
 
 PROG = "neo-generate"
@@ -62,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-cache", action="store_true", help="recompute the whole prefix every step (slow; testing)"
     )
+    p.add_argument("--no-verify", action="store_true",
+                   help="check file sizes only, not their sha256 (faster on a large checkpoint; logged)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default fp32 on CPU, bf16 on GPU"
-    )
+    p.add_argument("--dtype", choices=SHORT_NAMES, default=None, help="default fp32 on CPU, bf16 on GPU")
     return p
 
 
@@ -156,9 +156,10 @@ def _run(args: argparse.Namespace) -> int:
 
     device = args.device or default_device()
     dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    gen = Generator.from_checkpoint(
-        args.checkpoint, device=device, dtype=dtype, max_length=args.max_length, batch_size=args.batch_size
-    )
+    gen = Generator.from_checkpoint(args.checkpoint, device=device, dtype=dtype, max_length=args.max_length,
+                                    batch_size=args.batch_size, checksums=not args.no_verify)  # fmt: skip
+    if args.no_verify:
+        print("neo: --no-verify: checkpoint file contents were not checked (sizes only)", file=sys.stderr)
     print(
         f"neo: loaded {args.checkpoint} on {device} ({str(dtype).replace('torch.', '')})",
         file=sys.stderr,

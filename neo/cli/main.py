@@ -11,6 +11,7 @@ COMMANDS = {
     "generate": ("neo.cli.generate", "sample text from a checkpoint"),
     "evaluate": ("neo.cli.evaluate", "loss, perplexity, bits per byte and lm-eval tasks"),
     "export": ("neo.cli.export", "to and from Hugging Face transformers folders"),
+    "verify": ("neo.cli.verify", "check a checkpoint's files against their recorded sha256"),
 }
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from neo.config.build import _Builder
 from neo.config.schema import Config
+from neo.data.splits import parse_split
+from neo.errors import DataError
 
 
 def _check(cfg: Config, b: _Builder) -> None:
@@ -37,6 +39,7 @@ def _check_sizes(cfg: Config, b: _Builder) -> bool:
             positive("model.seq_length", m.seq_length),
             positive("model.ffn_hidden_size", m.ffn_hidden_size),
             positive("model.vocab_size", m.vocab_size),
+            positive("model.vocab_multiple", m.vocab_multiple),
             positive("model.max_position_embeddings", m.max_position_embeddings),
             positive("parallel.tp", par.tp),
             positive("parallel.pp", par.pp),
@@ -86,6 +89,7 @@ def _check_parallel(cfg: Config, b: _Builder) -> None:
             ("model.hidden_size", m.hidden_size),
             ("model.ffn_hidden_size", m.ffn_size),
             ("model.vocab_size", m.vocab_size),
+            ("model.vocab_multiple", m.vocab_multiple if m.vocab_size is None else None),
         ):
             if value is not None and value % par.tp:
                 p.append(
@@ -228,16 +232,10 @@ def _check_training(cfg: Config, b: _Builder) -> None:
         p.append(
             f"data.train_weights = {d.train_weights} {w('data.train_weights')} must be >= 0 with a positive sum"
         )
-    parts = d.split.replace("/", ",").split(",")
     try:
-        shares = [float(x) for x in parts]
-        if len(shares) > 3 or any(x < 0 for x in shares) or sum(shares) <= 0:
-            raise ValueError
-    except ValueError:
-        p.append(
-            f"data.split = {d.split!r} {w('data.split')} must be up to three non-negative numbers "
-            "train,valid,test such as '969,30,1'"
-        )
+        parse_split(d.split)
+    except DataError as e:
+        p.append(f"data.split = {d.split!r} {w('data.split')}: {e}")
     if cfg.eval.interval < 0 or cfg.eval.iters < 0:
         p.append("eval.interval and eval.iters must be >= 0")
     if cfg.logging.interval <= 0:

@@ -19,7 +19,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages; 1 means no pipeline
     # how layers are split into stages: "parameters", "uniform" or "type:<regex>" (e.g. "type:Block")
     partition_method: str = "parameters"
-    # recompute activations in the backward pass: 0 off, else every N-th layer boundary
+    # recompute activations in the backward pass: 0 off, else in segments of N blocks (each keeps only its input)
     activation_checkpoint_interval: int = 0
 
 
@@ -105,6 +105,10 @@ class CheckpointConfig:
     resume: bool = True  # continue from the newest complete checkpoint in `dir` if there is one
     load: str | None = None  # start from this checkpoint (a folder) instead
     load_weights_only: bool = False  # with `load`: weights only, fresh optimizer, iteration 0 (fine-tuning)
+    # check every file's sha256 against the manifest before loading (false: sizes only, faster; logged)
+    verify: bool = True
+    # when the newest checkpoint fails verification, resume from the newest one that passes (else: stop)
+    fallback: bool = False
 
 
 @dataclass

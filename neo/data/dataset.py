@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from .indexed import DataError, IndexedTokens
+from .splits import parse_split
+from .tokenizer import same_tokenizer
 
 INDEX_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -192,14 +194,8 @@ class BlendedDataset(torch.utils.data.Dataset):
 def split_ranges(split: str, num_docs: int) -> dict[str, tuple[int, int]]:
     """Contiguous document ranges from a ratio like "969,30,1" (missing parts are 0). A part with a
     positive ratio gets at least one document when there are enough."""
-    try:
-        ratios = [float(x) for x in split.replace("/", ",").split(",")]
-        assert 1 <= len(ratios) <= 3 and all(r >= 0 for r in ratios) and sum(ratios) > 0
-    except (ValueError, AssertionError):
-        raise DataError(
-            f"split {split!r}: expected up to three non-negative numbers like '969,30,1'"
-        ) from None
-    ratios = np.array(ratios + [0.0] * (3 - len(ratios))) / sum(ratios)
+    ratios = parse_split(split)
+    ratios = np.array(ratios) / sum(ratios)
     counts = np.diff(np.round(np.concatenate([[0], np.cumsum(ratios)]) * num_docs)).astype(int)
     for i in np.flatnonzero((ratios > 0) & (counts == 0)):
         if counts.max() > 1:
@@ -231,12 +227,6 @@ def build_datasets(
     """
     if not train_paths:
         raise DataError("no train data paths given")
-    if train_weights is not None and (
-        len(train_weights) != len(train_paths) or min(train_weights) < 0 or sum(train_weights) <= 0
-    ):
-        raise DataError(
-            f"train_weights {train_weights} must be {len(train_paths)} non-negative numbers, not all 0"
-        )
     readers = {p: IndexedTokens(p) for p in [*train_paths, *valid_paths, *test_paths]}
     names = {r.tokenizer for r in readers.values()}
     if len(names) > 1:
@@ -244,7 +234,7 @@ def build_datasets(
             f"data files were made with different tokenizers ({', '.join(sorted(names))}); "
             "preprocess them all with the same --tokenizer"
         )
-    if tokenizer is not None and names != {tokenizer} and names | {tokenizer} != {"gpt2", "r50k_base"}:
+    if tokenizer is not None and not all(same_tokenizer(n, tokenizer) for n in names):
         raise DataError(
             f"the data was tokenized with {names.pop()!r} but the run uses {tokenizer!r}; "
             "preprocess again with --tokenizer matching data.tokenizer (or change data.tokenizer)"

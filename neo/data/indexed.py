@@ -172,9 +172,12 @@ class IndexedTokens:
             )
         try:
             meta = json.loads(head[16 : 16 + n])
-            assert meta["dtype"] in DTYPES and int(meta["num_docs"]) >= 0 and int(meta["num_tokens"]) >= 0
-        except Exception as e:  # any parse failure is the same problem for the user
+            sane = meta["dtype"] in DTYPES and int(meta["num_docs"]) >= 0 and int(meta["num_tokens"]) >= 0
+        except (ValueError, KeyError, TypeError) as e:  # any parse failure is the same problem for the user
             raise DataError(f"{path}: corrupt header ({e!r}); re-run preprocessing") from None
+        if not sane:
+            raise DataError(f"{path}: corrupt header (dtype {meta['dtype']!r}, {meta['num_docs']} documents, "
+                            f"{meta['num_tokens']} tokens); re-run preprocessing")  # fmt: skip
         return meta
 
     def _check_bin(self, path: Path, run_id: str) -> None:

@@ -14,11 +14,8 @@ with `\\r\\n` and `\\r` read as `\\n`, as Python's text mode does. Each document
 
 from __future__ import annotations
 
-import bz2
 import glob
-import gzip
 import json
-import lzma
 import multiprocessing as mp
 import os
 import signal
@@ -33,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from .indexed import DataError, IndexedTokensWriter
+from .textio import OPENERS
 from .tokenizer import load_tokenizer
 
 CHUNK_BYTES = 1 << 19
-OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 KINDS = {
     ".jsonl": "jsonl",
     ".json": "jsonl",

@@ -70,6 +70,14 @@ _PACKAGED = {
 # A local rank file whose sha256 is one of these *is* that encoding (its name, pattern, specials).
 _KNOWN_RANK_FILES = {_R50K_SHA: "r50k_base", _CL100K_SHA: "cl100k_base", _O200K_SHA: "o200k_base"}
 NAMES = tuple(_PACKAGED)
+# Encodings with different names and the same tokens: data made with one trains and evaluates with the other.
+_SAME = {"r50k_base": "gpt2"}
+
+
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether token ids from tokenizer ``a`` (a ``Tokenizer.name``) mean the same text under ``b``: the one
+    rule training, evaluation and generation use to check data against a model."""
+    return _SAME.get(a, a) == _SAME.get(b, b)
 
 
 @dataclass(frozen=True)
@@ -88,15 +96,17 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])
 
-    def padded_vocab_size(self, tp: int = 1, multiple: int = 128) -> int:
-        return padded_vocab_size(self.vocab_size, tp, multiple)
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        return padded_vocab_size(self.vocab_size, multiple)
 
 
-def padded_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
-    """Round up to a multiple of `multiple * tp`, as GPT-NeoX does, so each TP shard of the embedding
-    is the same size and a multiple of 128 (fast matmuls). 50257 -> 50304 at TP 1."""
-    step = multiple * tp
-    return -(-vocab_size // step) * step
+def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
+    """Round up to a multiple of ``multiple`` (``model.vocab_multiple``): 50257 -> 50304 at 128.
+
+    The padded size is a property of the model, not of its layout: GPT-NeoX rounds to 128 x tp, so the
+    same run at two tp sizes had different vocabularies (50304 and 50432 rows for GPT-2's 50257 tokens),
+    their softmax spanning different padded logits. neo pads the same way at every tp; tp must divide it."""
+    return -(-vocab_size // multiple) * multiple
 
 
 def _sha256(data: bytes) -> str:

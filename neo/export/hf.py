@@ -177,14 +177,16 @@ def _write_tokenizer(out: Path, spec: str, eod_id: int, max_length: int) -> bool
     return True
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, dtype: torch.dtype | None = None) -> dict:
+def export_checkpoint(
+    checkpoint: str, out_dir: str, dtype: torch.dtype | None = None, checksums: bool = True
+) -> dict:
     """Write a transformers GPTNeoX directory (model.safetensors, config.json, tokenizer files) for a neo
     checkpoint of any tp/pp layout. Written to a temporary folder and renamed when complete."""
     from safetensors.torch import save_file
 
     from neo.checkpoint import load_full_weights
 
-    state, meta = load_full_weights(checkpoint)
+    state, meta = load_full_weights(checkpoint, checksums=checksums)
     args = ModelArgs(**meta["model"])
     spec = meta.get("tokenizer_spec", "gpt2")
     from neo.data.tokenizer import load_tokenizer

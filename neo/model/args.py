@@ -23,8 +23,12 @@ class ModelArgs:
     seq_length: int = 128  # tokens per training sample
     # Longest position the model supports; None means seq_length.
     max_position_embeddings: int | None = None
-    # None: taken from the tokenizer and padded to a multiple of 128 x tp (GPT-NeoX's rule).
+    # Rows of the embedding and the output head. None: the tokenizer's vocabulary padded up to a multiple
+    # of vocab_multiple.
     vocab_size: int | None = None
+    # Padding of the vocabulary (fast matmuls), fixed with the model and independent of parallel.tp, so
+    # that every layout computes the same function; parallel.tp must divide the padded size.
+    vocab_multiple: int = 128
     position_embedding: Literal["rotary", "learned", "sinusoidal"] = "rotary"  # how positions enter the model
     rotary_pct: float = 0.25  # fraction of each head's channels that rotary rotates (GPT-NeoX: 0.25)
     rotary_base: float = 10000.0  # rotary frequency base (theta)

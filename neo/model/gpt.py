@@ -229,12 +229,23 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         x = tokens
         *body, head = self.layers
-        for layer in body:
-            if self.checkpoint_interval and self.training and isinstance(layer, Block):
-                x = checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x, ctx)
+        n = self.checkpoint_interval if self.training else 0
+        i = 0
+        while i < len(body):
+            if n and isinstance(body[i], Block):  # a segment of up to n blocks, recomputed in backward
+                segment = [layer for layer in body[i : i + n] if isinstance(layer, Block)]
+                x = checkpoint(_run_segment, segment, x, use_reentrant=False)
+                i += len(segment)
+                continue
+            x = body[i](x, ctx)
+            i += 1
         return head(x, ctx, labels=labels, loss_fn=self.loss_fn)
+
+
+def _run_segment(blocks: list, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
 
 
 class _TiedCall(nn.Module):
@@ -307,6 +318,8 @@ def pipeline_module(
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
+    from neo import ds_compat
+
     *body, head = layer_specs(args, topo.tensor_group)
     head = replace(head, forward_fn=_pass_hidden) if head.tie_key else replace(head, cls=PipelineHead)
     specs = []
@@ -332,8 +345,7 @@ def pipeline_module(
         activation_checkpoint_interval=checkpoint_interval,
         checkpointable_layers=["Block"],
     )
-    if module.stage_id == module.num_stages - 1:
-        loss.head = module.tied_modules[head.tie_key] if head.tie_key else module.forward_funcs[-1]
+    loss.head = ds_compat.pipeline_last_layer(module, head.tie_key)
     for name, child in module.named_children():
         if name.isdigit():
             init_layer(child, seed, int(name))

@@ -110,9 +110,9 @@ class Topology:
 
     def deepspeed_topology(self):
         """The same grid as DeepSpeed's pipeline topology; coordinates are checked to agree."""
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        from neo import ds_compat
 
-        topo = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+        topo = ds_compat.pipeline_topology(self.pp, self.tp, self.dp)
         for rank in range(self.world_size):
             c, ds = self.coord_of(rank), topo.get_coord(rank)
             if (c.pipe, c.data, c.tensor) != (ds.pipe, ds.data, ds.model):

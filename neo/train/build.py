@@ -10,13 +10,12 @@ import dataclasses
 import torch
 
 from neo.config import Config, deepspeed_config
-from neo.errors import CheckpointError, ConfigError
+from neo.errors import ConfigError
 from neo.model.args import ModelArgs
 from neo.model.gpt import GPT, pipeline_module
 from neo.parallel.topology import Topology
 from neo.train.optim import (
     ClippingAdamW,
-    fp32_zero_grad_norms,
     fused_adamw_supported,
     neo_clips,
     param_groups,
@@ -25,22 +24,25 @@ from neo.train.schedule import LRSchedule, schedule_from_config
 
 
 def model_args(cfg: Config, tokenizer, saved_model: dict | None = None) -> ModelArgs:
-    """The model's shape: ``cfg.model`` with the vocabulary resolved from the tokenizer (or kept as a loaded
-    checkpoint saved it, since its padding is part of the weights)."""
+    """The model's shape: ``cfg.model`` with the vocabulary resolved from the tokenizer, padded to
+    ``model.vocab_multiple`` whatever the tp (or kept as a loaded checkpoint saved it: its padding is part of
+    its weights)."""
     from neo.data.tokenizer import padded_vocab_size
 
     vocab = cfg.model.vocab_size
     if vocab is None and saved_model is not None:
         vocab = int(saved_model["vocab_size"])
     elif vocab is None:
-        vocab = padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tp)
+        vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.vocab_multiple)
     elif vocab < tokenizer.vocab_size:
         raise ConfigError([f"model.vocab_size = {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
                            f"tokens ({tokenizer.name}). Fix: remove model.vocab_size to use the tokenizer's "
                            "padded size."])  # fmt: skip
     if vocab % cfg.parallel.tp:
-        raise CheckpointError(f"the model's vocab_size {vocab} is not divisible by parallel.tp = "
-                              f"{cfg.parallel.tp}. Fix: choose a tp that divides it.")  # fmt: skip
+        where = "the checkpoint's" if saved_model is not None else "the padded"
+        raise ConfigError([f"{where} vocabulary of {vocab} rows is not divisible by parallel.tp = {cfg.parallel.tp}. "
+                           "Fix: choose a tp that divides it (a new model: set model.vocab_multiple to a multiple "
+                           "of tp, e.g. 128)."])  # fmt: skip
     return dataclasses.replace(cfg.model, vocab_size=vocab)
 
 
@@ -77,7 +79,9 @@ def build_engine(model: torch.nn.Module, optimizer, cfg: Config, topo: Topology,
     import deepspeed
 
     if device.type == "cpu" and cfg.zero.stage > 0:
-        fp32_zero_grad_norms()
+        from neo import ds_compat
+
+        ds_compat.fp32_zero_grad_norms()
     lr_fn = schedule_from_config(cfg)
     engine, ds_optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lambda opt: LRSchedule(opt, lr_fn),

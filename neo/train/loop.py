@@ -18,10 +18,10 @@ import torch.distributed as dist
 
 from neo.checkpoint import load as ckpt_load
 from neo.checkpoint import save as ckpt_save
-from neo.checkpoint.layout import find_latest, resolve
+from neo.checkpoint.layout import complete_tags, find_latest, resolve
 from neo.checkpoint.tensors import check_compatible
 from neo.config import Config, batch_arithmetic, to_dict, to_yaml
-from neo.errors import REQUEUE_EXIT, LaunchError
+from neo.errors import REQUEUE_EXIT, CheckpointError, LaunchError
 from neo.model.gpt import flops_per_token, parameter_count, set_loss
 from neo.objectives import MicroBatch, Objective, build_objective
 from neo.parallel import random as tp_random
@@ -77,6 +77,9 @@ class Trainer:
 
             tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.tokenizer, self.objective = tokenizer, objective or build_objective(cfg)
+        # the data first: a mismatch with the tokenizer or a missing file ends the run before the model is built
+        self.datasets = datasets if datasets is not None else self.objective.build_datasets(
+            cfg, tokenizer, self._num_samples())  # fmt: skip
         self.load = self._plan_load()
         saved = self.load.meta["model"] if self.load else None
         self.args = build.model_args(cfg, tokenizer, saved)
@@ -92,8 +95,6 @@ class Trainer:
         self.iteration, self.consumed = 0, 0
         if self.load:
             self._finish_load()
-        self.datasets = datasets if datasets is not None else self.objective.build_datasets(
-            cfg, tokenizer, self._num_samples())  # fmt: skip
 
     def _num_samples(self) -> dict[str, int]:
         """Samples each split must provide: every validation reads the same first eval.iters global batches,
@@ -110,39 +111,56 @@ class Trainer:
         """What to start from: the newest checkpoint of this run, else ``checkpoint.load``, else nothing."""
         c = self.cfg.checkpoint
         path = find_latest(self.cfg.checkpoint_dir) if c.resume else None
-        weights_only = False
-        if path is None and c.load:
-            path, weights_only = resolve(c.load), c.load_weights_only
-        if path is None:
-            return None
-        return ckpt_load.plan_load(path, self.layout(), weights_only)
+        if path is not None:
+            return self._plan_resume(path)
+        if c.load:
+            return ckpt_load.plan_load(resolve(c.load), self.layout(), c.load_weights_only, c.verify)
+        return None
+
+    def _plan_resume(self, latest: str) -> ckpt_load.LoadPlan:
+        """The newest checkpoint of this run; an older one only if it fails verification and
+        ``checkpoint.fallback`` allows it (newest first)."""
+        c = self.cfg.checkpoint
+        try:
+            return ckpt_load.plan_load(latest, self.layout(), False, c.verify)
+        except CheckpointError as e:
+            if not c.fallback:
+                raise CheckpointError(f"{e} Or set checkpoint.fallback=true to resume from the newest "
+                                      "checkpoint that verifies.") from None  # fmt: skip
+            problem = e
+        for tag in reversed(complete_tags(self.cfg.checkpoint_dir)):
+            path = os.path.join(self.cfg.checkpoint_dir, tag)
+            if os.path.samefile(path, latest):
+                continue
+            try:
+                plan = ckpt_load.plan_load(path, self.layout(), False, c.verify)
+            except CheckpointError as e:
+                log(f"neo: warning: {e}")
+                continue
+            log(f"neo: warning: {problem} checkpoint.fallback is on: resuming from {path} instead.")
+            return plan
+        raise CheckpointError(f"{problem} No older checkpoint in {self.cfg.checkpoint_dir} verifies either.")
 
     def _load_weights(self, model: torch.nn.Module) -> None:
-        """Weights go in before DeepSpeed copies them into its fp32 masters (except a same-layout resume,
-        where DeepSpeed loads its own state)."""
+        """Weights go in before DeepSpeed builds its fp32 masters and partitions from the module."""
         check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path)
-        if self.load.mode != "resume":
-            ckpt_load.copy_weights_into(model, self.load.path, self.topo)
+        ckpt_load.copy_weights_into(model, self.load.path, self.topo)
 
     def _finish_load(self) -> None:
-        from neo.checkpoint import optimizer_state
-
         plan, meta = self.load, self.load.meta
-        if plan.mode == "resume":
-            ckpt_load.load(self.engine, plan.path)
         if plan.mode != "weights":
             self.iteration, self.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
-            if (
-                plan.mode == "reshape"
-            ):  # DeepSpeed's scheduler and optimizer state were not loaded: neo's files
-                self.scheduler.load_state_dict({"last_step": self.iteration})
-                plan.optimizer_fresh = optimizer_state.restore(self.engine, plan.path, meta, self.topo)
+            ckpt_load.restore_training_state(self.engine, self.scheduler, plan, self.topo)
+            self.objective.load_state_dict(meta.get("objective_state") or {})
         log(f"neo: {plan.describe()}")
 
     def save(self) -> str:
+        from neo import ds_compat
+
         meta = {"consumed_samples": self.consumed, "config": to_dict(self.cfg), "model": dataclasses.asdict(self.args),
                 "layout": self.layout(), "tokenizer": self.tokenizer.name, "tokenizer_spec": self.cfg.data.tokenizer,
-                "objective": self.objective.name}  # fmt: skip
+                "objective": self.objective.name, "objective_state": self.objective.state_dict(),
+                "lr_schedule": self.scheduler.state_dict(), "engine": ds_compat.engine_state(self.engine)}  # fmt: skip
         path = ckpt_save.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta,
                               self.cfg.checkpoint.keep_last_n, topo=self.topo, zero_stage=self.cfg.zero.stage)  # fmt: skip
         log(f"neo: saved checkpoint {path}")

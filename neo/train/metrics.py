@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import time
 
 import torch
 
-# TFLOP/s, dense, by a substring of torch.cuda.get_device_name(); fp32 is the non-tensor-core rate.
+# TFLOP/s, dense, by a whole-word part of torch.cuda.get_device_name(); fp32 is the non-tensor-core rate.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
@@ -24,6 +25,7 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
     "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
     "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "L40": {"bf16": 181.0, "fp16": 181.0, "fp32": 90.5},
     "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
     "V100": {"fp16": 125.0, "fp32": 15.7},
     "RTX 4090": {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6},
@@ -37,9 +39,14 @@ def peak_tflops(dtype: str, override: float | None = None) -> float | None:
         return override
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, peaks in PEAK_TFLOPS.items():  # ordered so that "H100 PCIe" wins over "H100"
-        if key in name:
+    return peak_for_device(torch.cuda.get_device_name(), dtype)
+
+
+def peak_for_device(name: str, dtype: str) -> float | None:
+    """The table's peak for a device name, matching whole words only: "NVIDIA L40S" is an L40S, not an L4
+    or an L40; "NVIDIA GH200" is not an H200. The first listed match wins ("H100 PCIe" before "H100")."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return peaks.get(dtype)
     return None
 

@@ -4,7 +4,7 @@ AdamW with weight decay on matrices only. In fp32 without ZeRO, DeepSpeed clips 
 the norm away (and inside a pipeline's ``train_batch`` there is no moment to measure it), so in that
 one mode neo clips in the optimizer's ``step`` itself, over the whole model (every TP and PP rank),
 and keeps the norm for the log. In every other mode DeepSpeed's wrapped optimizer clips and reports;
-on a CPU neo has it take that norm in fp32, as neo's own clipping does (``fp32_zero_grad_norms``).
+on a CPU neo has it take that norm in fp32, as neo's own clipping does (``ds_compat.fp32_zero_grad_norms``).
 """
 
 from __future__ import annotations
@@ -73,25 +73,3 @@ class ClippingAdamW(torch.optim.AdamW):
 def neo_clips(zero_stage: int, dtype: str) -> bool:
     """Whether neo (not DeepSpeed) clips and measures the gradient norm in this mode."""
     return zero_stage == 0 and dtype == "fp32"
-
-
-def fp32_zero_grad_norms() -> None:
-    """Make DeepSpeed's ZeRO optimizers take gradient norms in fp32 (for a CPU run).
-
-    ZeRO-1/2/3 convert every gradient to a fresh fp64 copy for the norm wherever the device has fp64
-    (``deepspeed.runtime.zero.utils.get_norm_dtype``). On a CPU that is a full extra pass plus fresh pages
-    each step: 40 ms against 5 ms in fp32 for 20M gradients, and the ZeRO-1 step of bench/train_step.py's
-    ~20M model 1-3% faster in A/B runs (2-core AVX2 CPU, 2026-12-01). torch sums an fp32 norm pairwise
-    (relative error ~1e-7), far below what clipping can notice. GPUs keep DeepSpeed's choice; a DeepSpeed
-    without ``get_norm_dtype`` is left as it is.
-    """
-    import deepspeed.runtime.zero.stage3 as stage3
-    import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
-
-    for module in (stage_1_and_2, stage3):
-        if callable(getattr(module, "get_norm_dtype", None)):
-            module.get_norm_dtype = _fp32
-
-
-def _fp32() -> torch.dtype:
-    return torch.float32

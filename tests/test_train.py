@@ -153,24 +153,20 @@ def test_a_broken_config_is_one_line_and_exit_2(tmp_path, front_end):
 
 
 def test_cpu_optimizer_offload_and_tensorboard_for_real(sample_tokens, tmp_path):
-    """ZeRO-1 with the optimizer offloaded to the CPU trains as ZeRO-1 does (1e-5), resumes bit for bit from
-    neo's checkpoint, and TensorBoard gets the same scalars as metrics.jsonl."""
+    """ZeRO-1 with the optimizer offloaded to the CPU, stopped after 2 steps and resumed from neo's checkpoint,
+    trains as ZeRO-1 in memory does (1e-5); TensorBoard gets the same scalars as metrics.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = (f"data.train_paths=[{sample_tokens}]", "schedule.iterations=4", "logging.interval=1",
             "eval.interval=0", "checkpoint.save_interval=2", "zero.stage=1")  # fmt: skip
     plain = run_training(tmp_path / "zero1", *args)
-    offload = run_training(
-        tmp_path / "offload", *args, "zero.offload_optimizer=cpu", "logging.tensorboard=true"
-    )
-    assert rel_diff(offload.losses, plain.losses) <= 1e-5
-    split = tmp_path / "split"
-    run_training(split, *args, "zero.offload_optimizer=cpu", "schedule.exit_interval=2")
-    resumed = run_training(split, *args, "zero.offload_optimizer=cpu")
-    assert "resumed from" in resumed.output and resumed.losses[-2:] == offload.losses[-2:]
+    offload = (*args, "zero.offload_optimizer=cpu", "logging.tensorboard=true")
+    run_training(tmp_path / "offload", *offload, "schedule.exit_interval=2")
+    resumed = run_training(tmp_path / "offload", *offload)
+    assert "resumed from" in resumed.output and rel_diff(resumed.losses, plain.losses) <= 1e-5
     events = EventAccumulator(str(tmp_path / "offload" / "tensorboard"))
     events.Reload()
     scalars = [(e.step, e.value) for e in events.Scalars("loss")]
     assert scalars == [
-        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in offload.records if "loss" in r
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in resumed.records if "loss" in r
     ]

@@ -32,6 +32,9 @@ class DataConfig:
     test_paths: list[str] = field(default_factory=list)  # separate test token files
     split: str = "969,30,1"  # train,valid,test share of documents when no valid/test paths are given
     cache_dir: str | None = None  # where sample-index arrays are cached; None: beside the data
+    # chat data (objective sft): several whole examples share a sequence, attention never crossing from one
+    # to another (false: one example per sequence, padded)
+    packing: bool = False
 
 
 @dataclass
@@ -129,7 +132,8 @@ class EvalConfig:
 class ObjectiveConfig:
     """What the run optimizes; every objective runs in the same loop (neo/objectives/)."""
 
-    type: Literal["pretrain"] = "pretrain"  # pretrain: next-token prediction on token files
+    # pretrain: next-token prediction on token files; sft: the answer tokens of chat data (loss-masked)
+    type: Literal["pretrain", "sft"] = "pretrain"
 
 
 @dataclass

@@ -18,12 +18,37 @@ from torch.utils.checkpoint import checkpoint
 
 from neo.model.args import ModelArgs
 from neo.model.layers import Block, Context, LearnedPositions, init_stds, make_norm, sinusoidal_table
-from neo.parallel.cross_entropy import fused_head_cross_entropy, vocab_parallel_cross_entropy
+from neo.parallel.cross_entropy import fused_head_cross_entropy, token_logprobs, vocab_parallel_cross_entropy
 from neo.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from neo.parallel.mappings import copy_to_region
 
 
-class Embedding(nn.Module):
+class HeadOps:
+    """What an output head offers an objective's loss (``Head``, and the ``Embedding`` as a tied head): the
+    head's weight [vocab / tp, h], the fused head + cross-entropy, and per-token log-probabilities. Each
+    runs over chunks of ``model.loss_chunk_size`` tokens, so no [tokens, vocab] logits are held."""
+
+    tp_group = None
+    loss_chunk_size = 1024
+    head_weight: torch.Tensor
+
+    def head_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy, or with ``weights`` [..] the weighted sum of per-token losses."""
+        x, w, chunk = copy_to_region(hidden, self.tp_group), self.head_weight, self.loss_chunk_size
+        if chunk == 0:  # unfused: all logits, then the loss
+            losses = vocab_parallel_cross_entropy(torch.nn.functional.linear(x, w), labels, self.tp_group)
+            return losses.mean() if weights is None else (losses * weights).sum()
+        return fused_head_cross_entropy(x, w, labels, self.tp_group, chunk, token_weights=weights)
+
+    def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(label), entropy) per token; the log-probabilities carry gradients (DPO, PPO, GRPO)."""
+        x = copy_to_region(hidden, self.tp_group)
+        return token_logprobs(x, self.head_weight, labels, self.tp_group, self.loss_chunk_size)
+
+
+class Embedding(HeadOps, nn.Module):
     """Token (+ learned or sinusoidal position) embedding; also the tied output head."""
 
     def __init__(self, args: ModelArgs, tp_group=None):
@@ -63,8 +88,9 @@ class Embedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings.logits(hidden)
 
-    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _head_loss(hidden, self.word_embeddings.weight, labels, self.tp_group, self.loss_chunk_size)
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.word_embeddings.weight
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         self.word_embeddings.reset_parameters(generator)
@@ -81,19 +107,10 @@ class FinalNorm(nn.Module):
         return self.final_layer_norm(x)
 
 
-def _head_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tp_group, chunk: int
-) -> torch.Tensor:
-    """Head and mean loss in one pass over chunks of tokens (``model.loss_chunk_size``; 0: unfused)."""
-    if chunk == 0:
-        return loss_fn(torch.nn.functional.linear(copy_to_region(hidden, tp_group), weight), labels, tp_group)
-    return fused_head_cross_entropy(copy_to_region(hidden, tp_group), weight, labels, tp_group, chunk)
-
-
-class Head(nn.Module):
+class Head(HeadOps, nn.Module):
     """Untied output projection, column-parallel over the vocabulary (logits stay split).
 
-    Called with ``labels`` it returns the mean loss instead of the logits (``_head_loss``); the loss is
+    Called with ``labels`` it returns the loss instead of the logits (``HeadOps``); the loss is
     computed inside this module's call so that ZeRO-3 has gathered the weight.
     """
 
@@ -109,8 +126,9 @@ class Head(nn.Module):
             return self.embed_out(x)
         return (loss_fn or mean_loss)(self, x, labels)
 
-    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _head_loss(hidden, self.embed_out.weight, labels, self.tp_group, self.loss_chunk_size)
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_out.weight
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         self.embed_out.reset_parameters(generator)
@@ -145,7 +163,7 @@ class PipelineLoss:
 
     DeepSpeed calls ``loss_fn(outputs, labels)`` on the last stage with what its last layer returned.
     That layer passes the hidden states through, and this applies the head's weight and the loss in
-    one pass over chunks of tokens (``_head_loss``), so the last stage never holds the [tokens, vocab]
+    one pass over chunks of tokens (``HeadOps.head_loss``), so the last stage never holds the [tokens, vocab]
     logits either. ``head`` (the ``PipelineHead``, or the embedding for a tied head) is bound once the
     last stage is built.
     """
@@ -227,6 +245,9 @@ class GPT(nn.Module):
     def forward(
         self, tokens: torch.Tensor, labels: torch.Tensor | None = None, ctx: Context | None = None
     ) -> torch.Tensor:
+        if isinstance(tokens, (tuple, list)):  # packed examples: (tokens, positions, segments)
+            tokens, positions, segments = tokens
+            ctx = Context(positions=positions, mask=segment_mask(segments))
         x = tokens
         *body, head = self.layers
         n = self.checkpoint_interval if self.training else 0
@@ -234,7 +255,7 @@ class GPT(nn.Module):
         while i < len(body):
             if n and isinstance(body[i], Block):  # a segment of up to n blocks, recomputed in backward
                 segment = [layer for layer in body[i : i + n] if isinstance(layer, Block)]
-                x = checkpoint(_run_segment, segment, x, use_reentrant=False)
+                x = checkpoint(_run_segment, segment, x, ctx, use_reentrant=False)
                 i += len(segment)
                 continue
             x = body[i](x, ctx)
@@ -242,9 +263,21 @@ class GPT(nn.Module):
         return head(x, ctx, labels=labels, loss_fn=self.loss_fn)
 
 
-def _run_segment(blocks: list, x: torch.Tensor) -> torch.Tensor:
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] attention mask for packed examples: causal, and only within a query's own example.
+
+    ``segments`` [b, s] numbers the examples of each row (0, 1, ...; -1 on padding). A padding position
+    attends to itself alone, so that no row of the mask is empty (an empty row gives NaN in some kernels)."""
+    s = segments.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    eye = torch.eye(s, dtype=torch.bool, device=segments.device)
+    return ((causal & same & (segments[:, None, :] >= 0)) | eye).unsqueeze(1)
+
+
+def _run_segment(blocks: list, x: torch.Tensor, ctx: Context | None) -> torch.Tensor:
     for block in blocks:
-        x = block(x)
+        x = block(x, ctx)
     return x
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from neo.objectives.base import MicroBatch, Objective
 from neo.objectives.pretrain import Pretrain
+from neo.objectives.sft import SFT
 
-OBJECTIVES: dict[str, type[Objective]] = {"pretrain": Pretrain}
+OBJECTIVES: dict[str, type[Objective]] = {"pretrain": Pretrain, "sft": SFT}
 
 
 def build_objective(cfg) -> Objective:

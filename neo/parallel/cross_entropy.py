@@ -83,23 +83,26 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
 
 
 class _FusedHeadCrossEntropy(torch.autograd.Function):
-    """Mean loss of ``hidden @ weight.T`` against ``target``, chunk by chunk, gradients computed in forward.
+    """Mean (or weighted sum) loss of ``hidden @ weight.T`` against ``target``, chunk by chunk, gradients
+    computed in forward.
 
-    The gradients are kept unscaled in fp32 (``weight``'s) and ``hidden``'s dtype until backward
-    multiplies them by ``grad_output / n``: an fp16 loss scale is applied there, and the small softmax
-    values never pass through a 1/n factor in half precision.
+    The gradients are kept in fp32 (``weight``'s) and ``hidden``'s dtype at a scale near 1 until backward
+    multiplies them by ``grad_output / n`` (or ``grad_output * max(token_weights)``): an fp16 loss scale is
+    applied there, and the small softmax values never pass through a 1/n factor in half precision.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int,
+                token_weights: torch.Tensor | None = None):  # fmt: skip
         n, want_weight_grad = hidden.shape[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = (
-            torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
-            if want_weight_grad
-            else None
-        )
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if want_weight_grad else None
         losses = hidden.new_empty(n, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        top = None
+        if token_weights is not None:  # weights relative to the largest, so the stored gradients stay near 1
+            top = token_weights.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+            relative = _at_least_fp32(token_weights) / top
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             x = hidden[start:end]
@@ -107,7 +110,10 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             losses[start:end], softmax, local_target, outside = _softmax_and_loss(
                 logits, target[start:end], group
             )
-            grad_logits = _subtract_target_(softmax, local_target, outside).to(weight.dtype)
+            grad_logits = _subtract_target_(softmax, local_target, outside)
+            if top is not None:
+                grad_logits.mul_(relative[start:end].unsqueeze(-1))
+            grad_logits = grad_logits.to(weight.dtype)
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])  # a partial sum when tp > 1
             if grad_weight is None:
                 continue
@@ -115,8 +121,12 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t(), x)
             else:
                 grad_weight += grad_logits.t() @ x
-        ctx.grads, ctx.n, ctx.weight_dtype = (grad_hidden, grad_weight), n, weight.dtype
-        return losses.mean()
+        ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype
+        if top is None:
+            ctx.factor = 1.0 / n
+            return losses.mean()
+        ctx.factor = top
+        return (losses * _at_least_fp32(token_weights)).sum()
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -126,32 +136,98 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                 "Fix: set model.loss_chunk_size=0 for the unfused head and loss."
             )
         (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
-        scale = _at_least_fp32(grad_output) / ctx.n
+        scale = _at_least_fp32(grad_output) * ctx.factor
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)
-        return grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight, None, None, None
+        return grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight, None, None, None, None
 
 
-def _chunked_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int
-) -> torch.Tensor:
-    """The fused forward without gradients (evaluation): mean loss, one chunk of logits at a time."""
+def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int,
+                  token_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The fused forward without gradients (evaluation): mean (or weighted sum) loss, one chunk of logits at a
+    time."""
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.shape[0], chunk):
         logits = _at_least_fp32(hidden[start : start + chunk] @ weight.t())
-        total += _softmax_and_loss(logits, target[start : start + chunk], group)[0].sum()
-    return total / hidden.shape[0]
+        losses = _softmax_and_loss(logits, target[start : start + chunk], group)[0]
+        if token_weights is not None:
+            losses = losses * _at_least_fp32(token_weights[start : start + chunk])
+        total += losses.sum()
+    return total if token_weights is not None else total / hidden.shape[0]
 
 
-def fused_head_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group=None, chunk: int = 1024
-) -> torch.Tensor:
-    """Mean next-token loss of the output head ``weight`` [vocab / tp, h] on ``hidden`` [.., h].
+def fused_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group=None,
+                             chunk: int = 1024, token_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Mean next-token loss of the output head ``weight`` [vocab / tp, h] on ``hidden`` [.., h]; with
+    ``token_weights`` [..], the weighted sum of the per-token losses instead (a loss mask times a
+    normalization, for SFT).
 
-    Equal to ``vocab_parallel_cross_entropy(hidden @ weight.T, target, group).mean()``; under TP,
-    ``hidden`` must come through ``copy_to_region`` (its backward sums the ranks' partial gradients).
+    Equal to ``vocab_parallel_cross_entropy(hidden @ weight.T, target, group).mean()`` (or ``(... *
+    token_weights).sum()``); under TP, ``hidden`` must come through ``copy_to_region`` (its backward sums the
+    ranks' partial gradients).
     """
     hidden, target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    if token_weights is not None:
+        token_weights = token_weights.reshape(-1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedHeadCrossEntropy.apply(hidden, weight, target, group, chunk)
-    return _chunked_loss(hidden, weight, target, group, chunk)
+        return _FusedHeadCrossEntropy.apply(hidden, weight, target, group, chunk, token_weights)
+    return _chunked_loss(hidden, weight, target, group, chunk, token_weights)
+
+
+def _logprobs_and_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group):
+    """log p(target) [n], entropy [n] (-sum p log p, summed over the TP group) and the softmax of one chunk."""
+    nll, softmax, local_target, outside = _softmax_and_loss(_at_least_fp32(x @ weight.t()), target, group)
+    entropy = -torch.special.xlogy(softmax, softmax).sum(-1)
+    if group_size(group) > 1:
+        dist.all_reduce(entropy, group=group)
+    return -nll, entropy, (softmax, local_target, outside)
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """log p(target) per token of ``hidden @ weight.T``, chunk by chunk; backward recomputes each chunk's
+    softmax, so neither pass holds [tokens, vocab] logits, and any function of the log-probabilities (DPO's,
+    PPO's) can be differentiated through it (one more head matmul than the fused loss)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int):
+        n = hidden.shape[0]
+        out = hidden.new_empty(n, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        entropy = torch.empty_like(out)
+        for start in range(0, n, chunk):
+            sl = slice(start, min(start + chunk, n))
+            out[sl], entropy[sl], _ = _logprobs_and_entropy(hidden[sl], weight, target[sl], group)
+        ctx.save_for_backward(hidden, weight, target)
+        ctx.group, ctx.chunk = group, chunk
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, target = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            sl = slice(start, min(start + ctx.chunk, hidden.shape[0]))
+            _, _, (softmax, local_target, outside) = _logprobs_and_entropy(
+                hidden[sl], weight, target[sl], ctx.group
+            )
+            # d log p / d logits = one_hot - softmax
+            grad_logits = _subtract_target_(softmax, local_target, outside).mul_(
+                -_at_least_fp32(grad_logp[sl]).unsqueeze(-1)
+            )
+            grad_logits = grad_logits.to(weight.dtype)
+            grad_hidden[sl] = grad_logits @ weight  # a partial sum when tp > 1
+            grad_weight += grad_logits.t().to(grad_weight.dtype) @ hidden[sl].to(grad_weight.dtype)
+        need_w = ctx.needs_input_grad[1]
+        return grad_hidden, (grad_weight.to(weight.dtype) if need_w else None), None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group=None,
+                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(log p(target), entropy) per token, shaped like ``target``, from the output head ``weight`` [vocab / tp, h]
+    on ``hidden`` [.., h] (fp32 arithmetic). The log-probabilities carry gradients; the entropy does not.
+    Under TP ``hidden`` must come through ``copy_to_region``."""
+    shape = target.shape
+    logp, entropy = _TokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), group,
+                                         chunk or 1 << 30)  # fmt: skip
+    return logp.view(shape), entropy.view(shape)

@@ -51,9 +51,9 @@ from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
+from neo.data.records import ROLES, ChatKeys, RecordError, chat_messages, check_messages
 from neo.errors import DataError
 
-ROLES = ("system", "user", "assistant")
 EOS = "\x00<neo:eos>\x00"  # stands for the EOD token in rendered text; no real message contains it
 ANSWER_PROBE = "neo-probe-answer"
 
@@ -67,56 +67,6 @@ PLAIN_SOURCE = (
     "{% else %}{{ '### Assistant:\\n' + message['content'] + eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
 )
-
-
-class RecordError(DataError):
-    """A record that cannot become a training example; ``kind`` names the problem for the counts."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(f"{kind}: {detail}")
-        self.kind, self.detail = kind, detail
-
-    def __reduce__(self):
-        return RecordError, (self.kind, self.detail)
-
-
-def check_messages(messages, *, need_answer: bool = True, where: str = "messages") -> list[dict]:
-    """Messages as ``[{"role", "content"}]`` (other keys dropped), or RecordError naming the first problem.
-
-    Bad: not a non-empty list of objects; a message without "role" ("missing role"); a role other than
-    system/user/assistant ("unknown role"); content that is missing or not a string ("non-string content");
-    an assistant message with empty content ("empty answer"); with ``need_answer``, no assistant message.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise RecordError(
-            "bad messages", f"{where} must be a non-empty list of messages, got {_short(messages)}"
-        )
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise RecordError(
-                "bad messages", f"{where}[{i}] is {_short(m)}, not an object with role and content"
-            )
-        if "role" not in m:
-            raise RecordError("missing role", f'{where}[{i}] has no "role" (keys: {", ".join(map(str, m))})')
-        if m["role"] not in ROLES:
-            raise RecordError(
-                "unknown role", f"{where}[{i}] has role {_short(m['role'])}; roles are {', '.join(ROLES)}"
-            )
-        if not isinstance(m.get("content"), str):
-            what = "no content" if "content" not in m else f"content {_short(m['content'])}"
-            raise RecordError("non-string content", f"{where}[{i}] ({m['role']}) has {what}, not a string")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise RecordError("empty answer", f"{where}[{i}] is an assistant message with no text")
-        out.append({"role": m["role"], "content": m["content"]})
-    if need_answer and not any(m["role"] == "assistant" for m in out):
-        raise RecordError("missing role", f"{where} has no assistant message: nothing to learn")
-    return out
-
-
-def _short(x) -> str:
-    text = json.dumps(x, ensure_ascii=False) if not isinstance(x, str) else repr(x)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -223,8 +173,6 @@ class ChatTemplate:
 
     def validate(self, record: dict, keys=None) -> list[dict]:
         """A JSONL record (messages, or prompt/response; ``keys``: a records.ChatKeys) as checked messages."""
-        from neo.data.records import ChatKeys, chat_messages
-
         return chat_messages(record, keys or ChatKeys())
 
     def to_dict(self) -> dict:

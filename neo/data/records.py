@@ -24,11 +24,64 @@ same text), "too few answers" (K < 2) and "bad ranking" (not a permutation of 0.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from neo.data.chat import ChatTemplate, RecordError, check_messages
+from neo.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(DataError):
+    """A record that cannot become a training example; ``kind`` names the problem for the counts."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+    def __reduce__(self):
+        return RecordError, (self.kind, self.detail)
+
+
+def check_messages(messages, *, need_answer: bool = True, where: str = "messages") -> list[dict]:
+    """Messages as ``[{"role", "content"}]`` (other keys dropped), or RecordError naming the first problem.
+
+    Bad: not a non-empty list of objects; a message without "role" ("missing role"); a role other than
+    system/user/assistant ("unknown role"); content that is missing or not a string ("non-string content");
+    an assistant message with empty content ("empty answer"); with ``need_answer``, no assistant message.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(
+            "bad messages", f"{where} must be a non-empty list of messages, got {_short(messages)}"
+        )
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RecordError(
+                "bad messages", f"{where}[{i}] is {_short(m)}, not an object with role and content"
+            )
+        if "role" not in m:
+            raise RecordError("missing role", f'{where}[{i}] has no "role" (keys: {", ".join(map(str, m))})')
+        if m["role"] not in ROLES:
+            raise RecordError(
+                "unknown role", f"{where}[{i}] has role {_short(m['role'])}; roles are {', '.join(ROLES)}"
+            )
+        if not isinstance(m.get("content"), str):
+            what = "no content" if "content" not in m else f"content {_short(m['content'])}"
+            raise RecordError("non-string content", f"{where}[{i}] ({m['role']}) has {what}, not a string")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise RecordError("empty answer", f"{where}[{i}] is an assistant message with no text")
+        out.append({"role": m["role"], "content": m["content"]})
+    if need_answer and not any(m["role"] == "assistant" for m in out):
+        raise RecordError("missing role", f"{where} has no assistant message: nothing to learn")
+    return out
+
+
+def _short(x) -> str:
+    text = json.dumps(x, ensure_ascii=False) if not isinstance(x, str) else repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -195,9 +248,10 @@ def _fit(ids: list, mask: list, job: ExampleJob) -> tuple[list, list] | None:
     return (ids, mask) if any(mask) else None
 
 
-def encode_records(records: list[tuple[int, dict]], job: ExampleJob, tokenizer, template: ChatTemplate,
+def encode_records(records: list[tuple[int, dict]], job: ExampleJob, tokenizer, template,
                    out: Encoded) -> None:  # fmt: skip
-    """Append the examples of ``records`` ((line number, JSON object)) to ``out``; bad ones become problems."""
+    """Append the examples of ``records`` ((line number, JSON object)) to ``out``, rendered with ``template``
+    (a chat.ChatTemplate); bad ones become problems."""
     limit = job.seq_length + 1
     for n, record in records:
         try:

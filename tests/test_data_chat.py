@@ -15,6 +15,7 @@ from neo.data.chat import (
     RecordError,
     jinja_template,
     load_template,
+    template_from_dict,
 )
 from neo.data.records import ChatKeys, PreferenceKeys, chat_messages, preference_group
 
@@ -278,3 +279,12 @@ def test_preference_answers_alone_carry_loss():
     ids, mask = t.render([*prompt, msg("assistant", "Knock knock.")], TOK, loss_from=len(prompt))
     assert mask_runs(ids, mask) == ["Knock knock.<|im_end|>\n"]
     assert ids == t.render([*prompt, msg("assistant", "Knock knock.")], TOK)[0]  # same ids, other mask
+
+
+def test_recorded_templates_come_back_the_same(tmp_path):
+    cfg = {"chat_template": LLAMA3, "bos_token": "<|begin_of_text|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for t in (BUILTINS["chatml"], BUILTINS["plain"], load_template(str(tmp_path)), jinja_template(ZEPHYR)):
+        back = template_from_dict(json.loads(json.dumps(t.to_dict())))
+        assert (back.name, back.source, back.stop, back.bos_token) == (t.name, t.source, t.stop, t.bos_token)
+        assert back.render(CONVERSATIONS[2], TOK) == t.render(CONVERSATIONS[2], TOK)

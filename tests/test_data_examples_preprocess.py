@@ -276,3 +276,16 @@ def test_half_copied_or_mixed_sets_are_refused(tmp_path):
     os.truncate(tmp_path / "b.mask", os.path.getsize(tmp_path / "b.mask") - 1)
     with pytest.raises(DataError, match=r"b\.mask: .* bytes but its \.idx describes"):
         IndexedTokens(tmp_path / "b")
+
+
+def test_many_chunks_and_workers_give_the_same_files(tmp_path, monkeypatch):
+    """Comparison rows are numbered per chunk in the workers and offset in order by the main process."""
+    from neo.data import sources
+
+    pref = ROOT / "data/sample/preference.jsonl"
+    run([pref], tmp_path / "one", ExampleJob("preference"), workers=1)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 300)  # ~100 chunks of 1-2 records
+    run([pref], tmp_path / "many", ExampleJob("preference"), workers=2)
+    for ext in ("bin", "mask", "pairs"):
+        assert (tmp_path / f"one.{ext}").read_bytes()[32:] == (tmp_path / f"many.{ext}").read_bytes()[32:]
+    assert IndexedTokens(tmp_path / "many").num_groups == 150

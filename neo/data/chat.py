@@ -30,15 +30,16 @@ tokenizer_config.json names ("" otherwise). Message text is always ordinary text
 **How masks are found**: built-ins know where each message begins and ends. A Jinja template is rendered for
 growing prefixes of the conversation: the text that messages[:i+1] adds to messages[:i] is message i's; for an
 assistant message, the generation prompt rendered after messages[:i] is its header (no loss) and the rest its
-answer (loss). This needs a *prefix-consistent* template: rendering fewer messages gives the start of rendering
-more (chatml, Llama 2 and 3, Mistral, Zephyr, Qwen 2 are). A template that rewrites earlier turns (e.g. drops
-the reasoning of past answers) is refused with a message naming it: use a built-in or edit the template.
+answer (loss); a template with no generation prompt (Llama 2) gives its whole assistant turn loss, header
+included. This needs a *prefix-consistent* template: rendering fewer messages gives the start of rendering more
+(chatml, Llama 2 and 3, Mistral, Zephyr, Qwen 2 are). A template that rewrites earlier turns (e.g. drops the
+reasoning of past answers) is refused with a message naming it: use a built-in or edit the template.
 
 **Tokenization**: the rendered text is cut where each answer begins and ends; each piece is encoded on its
 own (``Tokenizer.encode``, minus any BOS/EOS the tokenizer adds to every call), so no token straddles a loss
 boundary and the masked tokens decode to exactly the answer text. ``render_prompt`` cuts at the same places,
 so a prompt at generation is token for token the start of what the model was trained on. (Encoding the whole
-text at once can differ at a cut: GPT-2 merges "." and "<|" of ".<|im_end|>" into one token.)
+text at once can differ at a cut: GPT-2 encodes the "." and "<" of "Paris.<|im_end|>" as one token.)
 """
 
 from __future__ import annotations

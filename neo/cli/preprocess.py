@@ -30,15 +30,7 @@ KEY_HELP = {
 LEGACY_FORMATS = ("auto", "jsonl", "parquet", "hf")  # --format once named the input type; still accepted
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Tokenize text into <output>.bin (token ids) + <output>.idx (document index) for training. "
-        "Each document is followed by the end-of-document token. --format chat / preference renders instruction "
-        "or preference records with a chat template and also writes <output>.mask (which tokens carry loss) and, "
-        "for preferences, <output>.pairs (the comparisons).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""inputs (types chosen by extension; .gz/.bz2/.xz compressed files are streamed):
+EPILOG = """inputs (types chosen by extension; .gz/.bz2/.xz compressed files are streamed):
   *.jsonl, *.json, *.ndjson   JSON lines; the document is the --text-key field
   *.txt, *.text, *.md         plain text; one document per file, or per paragraph (--text-mode)
   *.parquet                   the --text-key column
@@ -59,7 +51,18 @@ end, so an interrupted run never leaves files that look complete.
 examples:
   python launch/preprocess.py data/sample/austen.jsonl.gz --output data/tokens/sample --tokenizer gpt2
   python launch/preprocess.py data/sample/chat.jsonl --format chat --output data/tokens/chat --seq-length 512
-  python launch/preprocess.py data/sample/preference.jsonl --format preference --output data/tokens/pref""",
+  python launch/preprocess.py data/sample/preference.jsonl --format preference --output data/tokens/pref"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tokenize text into <output>.bin (token ids) + <output>.idx (document index) for training. "
+        "Each document is followed by the end-of-document token. --format chat / preference renders instruction "
+        "or preference records with a chat template and also writes <output>.mask (which tokens carry loss) and, "
+        "for preferences, <output>.pairs (the comparisons).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     p.add_argument("inputs", nargs="+", help="files, directories, glob patterns or hf:NAME")
     p.add_argument("--output", "-o", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")

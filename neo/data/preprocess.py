@@ -1,20 +1,28 @@
-"""Tokenize a corpus into one `<prefix>.bin` + `<prefix>.idx` pair (see indexed.py).
+"""Tokenize a corpus into one `<prefix>.bin` + `<prefix>.idx` pair (see indexed.py); instruction data
+(``--format chat``) and preference data (``--format preference``) also get a `.mask`, and preferences a
+`.pairs` file.
 
-The main process streams the inputs in ~512 KiB chunks of raw lines/documents; worker processes
-decode, parse, validate and tokenize each chunk; results come back in input order (so the output
-does not depend on the number of workers) and are appended to the output. At most a few chunks
-per worker are in flight, so memory stays flat however large the input is.
+The main process streams the inputs in ~512 KiB chunks of raw lines/documents (sources.py); worker processes
+decode, parse, validate and tokenize each chunk; results come back in input order (so the output does not
+depend on the number of workers) and are appended to the output. At most a few chunks per worker are in
+flight, so memory stays flat however large the input is.
 
 Text handling is exact, so the output can be checked against tiktoken directly: a JSONL/Parquet/
 dataset document is the value of the text field as is; a plain-text document is the file's text
 (or a paragraph: its lines up to a blank line, without the final line break), decoded as UTF-8
 with `\\r\\n` and `\\r` read as `\\n`, as Python's text mode does. Each document is encoded with
 `encode_ordinary` (special-token strings in the text stay plain text) and followed by the EOD token.
+
+Chat and preference records (records.py) are rendered with a chat template (chat.py): one document per
+conversation, or per answer of a preference record (its prompt + that answer), with no EOD appended (the
+template decides how a turn ends). A document longer than seq_length + 1 tokens (one training sample) is
+cut to its first seq_length + 1 tokens (``long_records="truncate"``: the answer tokens kept keep their loss;
+the cut-off end of turn is lost, so that example does not teach stopping) or dropped (``"drop"``); either
+way, a record left with no answer token is dropped. Preference records are truncated or dropped whole.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import multiprocessing as mp
 import os
@@ -29,23 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat import load_template
 from .indexed import DataError, IndexedTokensWriter
-from .textio import OPENERS
+from .records import Encoded, ExampleJob, encode_records
+from .sources import Chunk, read_chunks, resolve_inputs
 from .tokenizer import load_tokenizer
 
-CHUNK_BYTES = 1 << 19
-KINDS = {
-    ".jsonl": "jsonl",
-    ".json": "jsonl",
-    ".ndjson": "jsonl",
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-    ".parquet": "parquet",
-    ".csv": "hf",
-    ".tsv": "hf",
-    ".arrow": "hf",
-}
 FIXES = {
     "invalid UTF-8": "re-encode the file as UTF-8",
     "not JSON": "each line must hold one JSON object",
@@ -54,233 +51,50 @@ FIXES = {
     "empty document": "remove the empty document",
     "empty file": "remove the empty file from the inputs",
 }
+EXAMPLE_FIXES = {
+    "missing key": "give each record its keys, or name them with --messages-key, --prompt-key, --response-key, "
+    "--chosen-key, --rejected-key, --responses-key, --ranking-key",
+    "bad messages": 'make it a list of {"role": ..., "content": ...} objects',
+    "missing role": "give every message a role and each conversation an assistant message",
+    "unknown role": "use the roles system, user and assistant",
+    "non-string content": "make each content a string (join multi-part content into text)",
+    "empty answer": "write the answer or remove the record",
+    "template error": "fix the record, or choose another --chat-template",
+    "tie": "remove the comparison: equal answers teach nothing",
+    "too few answers": "give a ranking at least two responses",
+    "bad ranking": "list each response index once, best first (or see --ranking-style)",
+}
 MAX_SHOWN = 20
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass
-class Source:
-    """One input: a file of a known kind, a saved/loadable HF dataset, or a hub name (`hf:NAME`)."""
-
-    path: str
-    kind: str  # jsonl | text | parquet | hf
-    size: int | None = None  # bytes on disk, for the progress ETA
-
-
-@dataclass
-class Chunk:
-    source: str
-    kind: str  # how the worker reads each payload: json-block | text | value
-    unit: str  # "line" or "row", for messages
-    items: list  # [(line or row number, payload)]
-    nbytes: int  # text bytes in this chunk, for MB/s
-    pos: int  # input bytes consumed once this chunk is done, for the ETA
-    problems: list = field(default_factory=list)  # found by the reader: [(number, kind, detail)]
-
-
-@dataclass
 class Stats:
-    docs: int = 0
+    docs: int = 0  # documents written (chat: conversations; preference: answers)
     tokens: int = 0
     bytes: int = 0
     seconds: float = 0.0
     workers: int = 1
-    skipped: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # bad inputs by kind
+    groups: int = 0  # preference: prompts kept
+    pairs: int = 0  # preference: comparisons
+    truncated: int = 0  # records cut to seq_length + 1 tokens
+    dropped: int = 0  # records dropped as too long (or with no answer token left after the cut)
 
 
-# ---------------------------------------------------------------------------------------- inputs
+@dataclass
+class Result:
+    """One chunk, tokenized (int arrays, so that they cross processes cheaply)."""
 
-
-def _kind_of(path: Path) -> str | None:
-    suffixes = path.suffixes[-2:] if path.suffix in OPENERS else path.suffixes[-1:]
-    return KINDS.get(suffixes[0].lower()) if suffixes else None
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
-def resolve_inputs(inputs: list[str], fmt: str = "auto") -> list[Source]:
-    """Expand directories and globs into sources; fail at once, naming the path, on anything unusable."""
-    sources: list[Source] = []
-    for spec in inputs:
-        if spec.startswith("hf:"):
-            sources.append(Source(spec[3:], "hf"))
-            continue
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            if fmt == "hf" or _is_saved_dataset(path):
-                sources.append(Source(str(path), "hf"))
-                continue
-            files = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and not p.name.startswith(".") and (fmt != "auto" or _kind_of(p))
-            )
-            if not files:
-                raise DataError(
-                    f"{path}: no .jsonl/.txt/.parquet files in this directory "
-                    "(pass --format to read other names, or --format hf to use datasets.load_dataset)"
-                )
-        elif path.exists():  # a file, or a pipe such as /dev/stdin
-            files = [path]
-        elif any(c in spec for c in "*?["):
-            files = sorted(
-                Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()
-            )
-            if not files:
-                raise DataError(f"{spec}: no files match this pattern")
-        else:
-            raise DataError(
-                f"{spec}: no such file or directory (for a Hugging Face hub dataset write hf:NAME)"
-            )
-        for f in files:
-            kind = fmt if fmt != "auto" else _kind_of(f)
-            if kind is None:
-                raise DataError(
-                    f"{f}: unknown input type {''.join(f.suffixes)!r}; pass --format jsonl|text|parquet|hf"
-                )
-            sources.append(Source(str(f), kind, f.stat().st_size if f.is_file() else None))
-    return sources
-
-
-def _open(path: str, buffered: bool = False):
-    """(raw file, reader, tell): the reader decompresses; tell() is the on-disk position, for the ETA.
-    Unbuffered unless asked: a BufferedReader blocked on a pipe can swallow SIGTERM (CPython 3.11)."""
-    raw = open(path, "rb", buffering=-1 if buffered else 0)
-    opener = OPENERS.get(Path(path).suffix)
-    return raw, (opener(raw, "rb") if opener else raw), (raw.tell if raw.seekable() else lambda: 0)
-
-
-def _read_blocks(path: str) -> Iterator[tuple[int, bytes, int]]:
-    """JSON lines, as blocks of whole lines: (number of the first line, block, position). Splitting
-    the lines is left to the workers, which keeps the main process nearly idle."""
-    raw, f, tell = _open(path)
-    with raw, f:
-        line, pending = 1, []
-        while block := f.read(CHUNK_BYTES):
-            cut = block.rfind(b"\n") + 1
-            if not cut:  # a line longer than a block: keep reading
-                pending.append(block)
-                continue
-            head, pending = b"".join([*pending, block[:cut]]), [block[cut:]]
-            yield line, head, tell()
-            line += head.count(b"\n")
-        if tail := b"".join(pending):
-            yield line, tail, tell()
-
-
-def _read_text(path: str, mode: str) -> Iterator[tuple[int, bytes, int]]:
-    """Plain text: the whole file as one document, or one document per blank-line-separated paragraph."""
-    raw, f, tell = _open(path, buffered=mode != "file")
-    with raw, f:
-        if mode == "file":
-            data = f.read()
-            if data.strip():
-                yield 1, data, tell()
-            return
-        para: list[bytes] = []
-        start = 0
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                if not para:
-                    start = n
-                para.append(line)
-            elif para:
-                yield start, b"".join(para).rstrip(b"\r\n"), tell()
-                para = []
-        if para:
-            yield start, b"".join(para).rstrip(b"\r\n"), tell()
-
-
-def _read_parquet(path: str, key: str) -> Iterator[tuple[int, object, int]]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    if key not in names:
-        raise DataError(
-            f"{path}: no column {key!r} (columns: {', '.join(names)}); choose one with --text-key"
-        )
-    row, total, size = 0, max(pf.metadata.num_rows, 1), os.path.getsize(path)
-    for batch in pf.iter_batches(batch_size=1024, columns=[key]):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            yield row, value, size * row // total
-
-
-def _read_hf(src: Source, key: str, split: str, config: str | None) -> Iterator[tuple[int, object, int]]:
-    """Anything `datasets` loads: a save_to_disk directory, a data directory/file, or a hub name."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"{src.path}: reading it needs the `datasets` package: pip install datasets"
-        ) from None
-    path = Path(src.path)
-    try:
-        if path.is_dir() and _is_saved_dataset(path):
-            ds = datasets.load_from_disk(str(path))
-        elif path.is_file():
-            builder = {
-                ".csv": "csv",
-                ".tsv": "csv",
-                ".arrow": "arrow",
-                ".parquet": "parquet",
-                ".txt": "text",
-            }.get(path.suffix, "json")
-            kw = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kw)
-        else:
-            ds = datasets.load_dataset(src.path, config, split=split, streaming=True)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types; the user needs the message
-        hint = "" if path.exists() else "; a hub dataset needs the network (HF_DATASETS_OFFLINE=1 fails fast)"
-        raise DataError(f"{src.path}: datasets could not load it: {type(e).__name__}: {e}{hint}") from None
-    if isinstance(ds, dict):  # a saved DatasetDict
-        if split not in ds:
-            raise DataError(
-                f"{src.path}: no split {split!r} (splits: {', '.join(ds)}); choose one with --split"
-            )
-        ds = ds[split]
-    cols = ds.column_names
-    if cols is not None and key not in cols:
-        raise DataError(
-            f"{src.path}: no column {key!r} (columns: {', '.join(cols)}); choose one with --text-key"
-        )
-    if isinstance(ds, datasets.Dataset):
-        rows = (v for batch in ds.select_columns([key]).iter(batch_size=1000) for v in batch[key])
-    else:
-        rows = (r.get(key) for r in ds)
-    for n, value in enumerate(rows, 1):
-        yield n, value, 0
-
-
-def _chunks(
-    sources: list[Source], key: str, text_mode: str, split: str, config: str | None
-) -> Iterator[Chunk]:
-    base = 0
-    for src in sources:
-        if src.kind == "jsonl":
-            items, kind, unit = _read_blocks(src.path), "json-block", "line"
-        elif src.kind == "text":
-            items, kind, unit = _read_text(src.path, text_mode), "text", "line"
-        elif src.kind == "parquet":
-            items, kind, unit = _read_parquet(src.path, key), "value", "row"
-        else:
-            items, kind, unit = _read_hf(src, key, split, config), "value", "row"
-        buf, nbytes, count, pos = [], 0, 0, 0
-        for n, payload, pos in items:
-            buf.append((n, payload))
-            nbytes += len(payload) if isinstance(payload, bytes | str) else 0
-            count += kind != "json-block" or not payload.isspace()
-            if nbytes >= CHUNK_BYTES or len(buf) >= 4096:
-                yield Chunk(src.path, kind, unit, buf, nbytes, base + pos)
-                buf, nbytes = [], 0
-        problems = [] if count else [(0, "empty file", "no documents in it")]
-        yield Chunk(src.path, kind, unit, buf, nbytes, base + (src.size or pos), problems)
-        base += src.size or 0
+    tokens: np.ndarray
+    lengths: np.ndarray
+    problems: list
+    chunk: Chunk
+    mask: np.ndarray | None = None
+    pairs: np.ndarray | None = None  # [n, 3] rows (chosen, rejected, group), numbered within the chunk
+    groups: int = 0
+    truncated: int = 0
+    dropped: int = 0
 
 
 # --------------------------------------------------------------------------------------- workers
@@ -288,7 +102,14 @@ def _chunks(
 _STATE: dict = {}
 
 
-def _init_worker(tokenizer: str, key: str, parent: int) -> None:
+def _worker_state(tokenizer: str, key: str, job: ExampleJob | None) -> dict:
+    state = {"tok": load_tokenizer(tokenizer), "key": key, "job": job}
+    if job is not None:
+        state["template"] = load_template(job.template)
+    return state
+
+
+def _init_worker(tokenizer: str, key: str, job: ExampleJob | None, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: Pool.terminate() must kill
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -298,7 +119,24 @@ def _init_worker(tokenizer: str, key: str, parent: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:
             os._exit(1)
-    _STATE.update(tok=load_tokenizer(tokenizer), key=key)
+    _STATE.update(_worker_state(tokenizer, key, job))
+
+
+def _json_object(payload: bytes) -> tuple[dict | None, tuple | None]:
+    """One JSON line as an object, or (None, (line offset, problem kind, detail))."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = payload.count(b"\n", 0, e.start)
+        col = e.start - (payload.rfind(b"\n", 0, e.start) + 1) + 1
+        return None, (line, "invalid UTF-8", f"byte 0x{payload[e.start]:02x} at column {col}")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return None, (0, "not JSON", str(e))
+    if not isinstance(obj, dict):
+        return None, (0, "not JSON", f"a JSON {type(obj).__name__}, not an object")
+    return obj, None
 
 
 def _text_of(kind: str, payload, key: str) -> tuple[str | None, tuple | None]:
@@ -307,6 +145,13 @@ def _text_of(kind: str, payload, key: str) -> tuple[str | None, tuple | None]:
         if payload is None:
             return None, (0, "missing key", f"{key!r} is null")
         text = payload
+    elif kind == "json":
+        obj, problem = _json_object(payload)
+        if problem:
+            return None, problem
+        if key not in obj:
+            return None, (0, "missing key", f"no {key!r} key (keys: {', '.join(list(obj)[:8])})")
+        text = obj[key]
     else:
         try:
             text = payload.decode("utf-8")
@@ -314,17 +159,7 @@ def _text_of(kind: str, payload, key: str) -> tuple[str | None, tuple | None]:
             line = payload.count(b"\n", 0, e.start)
             col = e.start - (payload.rfind(b"\n", 0, e.start) + 1) + 1
             return None, (line, "invalid UTF-8", f"byte 0x{payload[e.start]:02x} at column {col}")
-        if kind == "json":
-            try:
-                obj = json.loads(text)
-            except ValueError as e:
-                return None, (0, "not JSON", str(e))
-            if not isinstance(obj, dict):
-                return None, (0, "not JSON", f"a JSON {type(obj).__name__}, not an object")
-            if key not in obj:
-                return None, (0, "missing key", f"no {key!r} key (keys: {', '.join(list(obj)[:8])})")
-            text = obj[key]
-        elif "\r" in text:
+        if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not isinstance(text, str):
         return None, (0, "not a string", f"{key!r} is {type(text).__name__}, not a string")
@@ -333,17 +168,25 @@ def _text_of(kind: str, payload, key: str) -> tuple[str | None, tuple | None]:
     return text, None
 
 
-def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list, Chunk]:
+def _lines(chunk: Chunk) -> tuple[list, str]:
+    """The chunk's items; JSON blocks split into their non-blank lines [(line number, bytes)]."""
+    if chunk.kind != "json-block":
+        return chunk.items, chunk.kind
+    return [
+        (n + i, x) for n, block in chunk.items for i, x in enumerate(block.split(b"\n")) if x.strip()
+    ], "json"
+
+
+def _light(chunk: Chunk) -> Chunk:
+    return Chunk(chunk.source, chunk.kind, chunk.unit, [], chunk.nbytes, chunk.pos)
+
+
+def _encode_text(chunk: Chunk) -> Result:
     """Tokens of the chunk's good documents (each + EOD), their lengths, and the problems found."""
     tok, key = _STATE["tok"], _STATE["key"]
     enc, eod = tok.encoding, tok.eod_id
     parts, lengths, problems = [], [], list(chunk.problems)
-    items, kind = chunk.items, chunk.kind
-    if kind == "json-block":  # [(first line number, block of lines)] -> the non-blank lines
-        items, kind = (
-            [(n + i, x) for n, block in items for i, x in enumerate(block.split(b"\n")) if x.strip()],
-            "json",
-        )
+    items, kind = _lines(chunk)
     for n, payload in items:
         text, problem = _text_of(kind, payload, key)
         if problem:
@@ -356,14 +199,37 @@ def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list, Chunk]:
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
     if tok.vocab_size <= 1 << 16:
         tokens = tokens.astype(np.uint16)
-    light = Chunk(chunk.source, chunk.kind, chunk.unit, [], chunk.nbytes, chunk.pos)
-    return tokens, np.array(lengths, np.int64), problems, light
+    return Result(tokens, np.array(lengths, np.int64), problems, _light(chunk))
+
+
+def _encode_examples(chunk: Chunk) -> Result:
+    """Chat or preference records: rendered documents with their loss masks (and comparisons)."""
+    tok, job, template = _STATE["tok"], _STATE["job"], _STATE["template"]
+    out = Encoded(problems=list(chunk.problems))
+    items, _ = _lines(chunk)
+    for n, payload in items:
+        obj, problem = _json_object(payload)
+        if problem:
+            out.problems.append((n + problem[0], *problem[1:]))
+            continue
+        try:
+            encode_records([(n, obj)], job, tok, template, out)
+        except DataError as e:  # the template itself cannot serve (not prefix-consistent): stop here
+            raise DataError(f"{chunk.source}:{n}: {e}") from None
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    pairs = np.array(out.pairs, np.int64).reshape(-1, 3)
+    return Result(np.array(out.tokens, dtype), np.array(out.lengths, np.int64), out.problems, _light(chunk),
+                  np.array(out.mask, np.uint8), pairs, out.groups, out.truncated, out.dropped)  # fmt: skip
+
+
+def _encode_chunk(chunk: Chunk) -> Result:
+    return _encode_text(chunk) if _STATE["job"] is None else _encode_examples(chunk)
 
 
 def _results(chunks: Iterator[Chunk], workers: int, init: tuple) -> Iterator[tuple]:
     """Encoded chunks in input order; with workers > 1, a process pool with a bounded queue."""
     if workers <= 1:
-        _STATE.update(tok=load_tokenizer(init[0]), key=init[1])
+        _STATE.update(_worker_state(*init))
         yield from map(_encode_chunk, chunks)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -435,13 +301,60 @@ class Progress:
 # ------------------------------------------------------------------------------------------ main
 
 
+def _writer(output: str, tok, job: ExampleJob | None) -> IndexedTokensWriter:
+    if job is None:
+        return IndexedTokensWriter(output, vocab_size=tok.vocab_size, tokenizer=tok.name, eod_id=tok.eod_id)
+    meta = {"chat_template": load_template(job.template).to_dict(), "seq_length": job.seq_length,
+            "long_records": job.long_records}  # fmt: skip
+    return IndexedTokensWriter(output, vocab_size=tok.vocab_size, tokenizer=tok.name, eod_id=tok.eod_id,
+                               data_format=job.data_format, mask=True, pairs=job.data_format == "preference",
+                               meta=meta)  # fmt: skip
+
+
+def _check_job(job: ExampleJob, sources: list) -> None:
+    if job.data_format not in ("chat", "preference"):
+        raise DataError(f"data format {job.data_format!r}: expected chat or preference")
+    if job.seq_length < 1:
+        raise DataError(f"--seq-length {job.seq_length}: give the tokens per training sample (e.g. 2048)")
+    if job.long_records not in ("truncate", "drop"):
+        raise DataError(f"--long-records {job.long_records!r}: expected truncate or drop")
+    if job.preference_keys.ranking_style not in ("order", "ranks"):
+        raise DataError(f"--ranking-style {job.preference_keys.ranking_style!r}: expected order or ranks")
+    for src in sources:
+        if src.kind != "jsonl":
+            raise DataError(f"{src.path}: --format {job.data_format} reads JSON lines files (.jsonl, .json, "
+                            "optionally .gz/.bz2/.xz), one record per line; convert it, or name its type with "
+                            "--input-type jsonl")  # fmt: skip
+
+
+def _report(problems: list, chunk: Chunk, strict: bool, fixes: dict, stats: Stats, progress: Progress, shown: int
+            ) -> int:  # fmt: skip
+    """Count (or, strict, raise on) a chunk's problems in line order; returns the warnings shown so far."""
+    for n, kind, detail in sorted(problems, key=lambda p: p[0]):
+        where = (
+            chunk.source
+            if n == 0
+            else f"{chunk.source}:{n}"
+            if chunk.unit == "line"
+            else f"{chunk.source} row {n}"
+        )
+        if strict:
+            raise DataError(f"{where}: {kind}: {detail}. Fix: {fixes[kind]}, or drop --strict to skip it")
+        stats.skipped[kind] += 1
+        if shown < MAX_SHOWN:
+            progress.message(f"warning: {where}: {kind}: {detail}; skipped")
+        shown += 1
+    return shown
+
+
 def preprocess(
     inputs: list[str],
     output: str,
     *,
     tokenizer: str = "gpt2",
     text_key: str = "text",
-    fmt: str = "auto",
+    input_type: str = "auto",
+    unknown_as: str | None = None,
     text_mode: str = "file",
     split: str = "train",
     hf_config: str | None = None,
@@ -449,48 +362,44 @@ def preprocess(
     strict: bool = False,
     log=sys.stderr,
     interval: float | None = None,
+    examples: ExampleJob | None = None,
 ) -> Stats:
-    """Tokenize `inputs` into `<output>.bin` + `<output>.idx`; returns the counts. Raises DataError on
-    unusable input (and, with strict=True, on the first bad line); nothing is published then."""
+    """Tokenize `inputs` into `<output>.bin` + `<output>.idx` (+ `.mask`, `.pairs` for ``examples``: chat or
+    preference records); returns the counts. Raises DataError on unusable input (and, with strict=True, on
+    the first bad line); nothing is published then. ``unknown_as`` reads files of unknown type as that type."""
     if output.endswith(("/", os.sep)) or Path(output).is_dir():
         raise DataError(
             f"--output {output} is a directory; give a prefix such as {Path(output) / 'corpus'} "
             "(writes corpus.bin and corpus.idx)"
         )
-    sources = resolve_inputs(inputs, fmt)
+    sources = resolve_inputs(inputs, input_type, unknown_as)
+    if examples is not None:
+        _check_job(examples, sources)
     tok = load_tokenizer(tokenizer)
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     sizes = [s.size for s in sources]
     progress = Progress(sum(sizes) if None not in sizes else None, log, interval)
     stats, shown = Stats(workers=workers), 0
-    chunks = _chunks(sources, text_key, text_mode, split, hf_config)
-    writer = IndexedTokensWriter(output, vocab_size=tok.vocab_size, tokenizer=tok.name, eod_id=tok.eod_id)
-    with writer as out, closing(_results(chunks, workers, (tokenizer, text_key))) as results:
-        for tokens, lengths, problems, chunk in results:
-            for n, kind, detail in problems:
-                where = (
-                    chunk.source
-                    if n == 0
-                    else f"{chunk.source}:{n}"
-                    if chunk.unit == "line"
-                    else f"{chunk.source} row {n}"
-                )
-                if strict:
-                    raise DataError(
-                        f"{where}: {kind}: {detail}. Fix: {FIXES[kind]}, or drop --strict to skip it"
-                    )
-                stats.skipped[kind] += 1
-                if shown < MAX_SHOWN:
-                    progress.message(f"warning: {where}: {kind}: {detail}; skipped")
-                shown += 1
-            out.add(tokens, lengths)
-            stats.docs += len(lengths)
-            stats.tokens += len(tokens)
-            stats.bytes += chunk.nbytes
-            progress.update(stats, chunk.pos)
+    fixes = FIXES if examples is None else {**FIXES, **EXAMPLE_FIXES}
+    chunks = read_chunks(sources, text_key, text_mode, split, hf_config)
+    with _writer(output, tok, examples) as out, closing(_results(chunks, workers, (tokenizer, text_key, examples))) as results:  # fmt: skip
+        for r in results:
+            shown = _report(r.problems, r.chunk, strict, fixes, stats, progress, shown)
+            if r.pairs is not None and len(r.pairs):
+                out.add_pairs(r.pairs + np.array([out.num_docs, out.num_docs, stats.groups], np.int64))
+            out.add(r.tokens, r.lengths, r.mask)
+            stats.docs += len(r.lengths)
+            stats.tokens += len(r.tokens)
+            stats.bytes += r.chunk.nbytes
+            stats.groups += r.groups
+            stats.pairs += 0 if r.pairs is None else len(r.pairs)
+            stats.truncated += r.truncated
+            stats.dropped += r.dropped
+            progress.update(stats, r.chunk.pos)
         if stats.docs == 0:
-            raise DataError(f"no documents found in {', '.join(inputs)}; nothing written")
+            what = "documents" if examples is None else "usable records"
+            raise DataError(f"no {what} found in {', '.join(inputs)}; nothing written")
     stats.seconds = time.perf_counter() - progress.start
     progress.update(stats, progress.total or 0, final=True)
     if shown > MAX_SHOWN:

@@ -255,6 +255,7 @@ class Generator:
         )
         self.last_seed: int | None = None
         self._bytes_cache: dict[int, bytes] = {}
+        self.chat_template = None  # set from the checkpoint of a chat fine-tune (neo.data.chat.ChatTemplate)
 
     @classmethod
     def from_checkpoint(
@@ -271,7 +272,12 @@ class Generator:
         spec = meta.get("tokenizer_spec") or meta.get("tokenizer")
         if not spec:
             raise GenerationError(f"checkpoint {path} does not record its tokenizer")
-        return cls(model, load_tokenizer(spec), **kwargs)
+        gen = cls(model, load_tokenizer(spec), **kwargs)
+        if meta.get("chat_template"):
+            from neo.data.chat import template_from_dict
+
+            gen.chat_template = template_from_dict(meta["chat_template"])
+        return gen
 
     # -- text in, text out
 
@@ -280,13 +286,34 @@ class Generator:
         ids = self.tokenizer.encode(prompt)
         return ids if ids else [self.tokenizer.eod_id]
 
+    def chat_prompt(self, prompt: str, system: str | None = None) -> list[int]:
+        """A user turn (after an optional system one) rendered with the chat template the model was fine-tuned
+        with, up to the assistant's header: the model answers from there."""
+        if self.chat_template is None:
+            raise GenerationError("this checkpoint records no chat template (it was not trained with objective "
+                                  "sft). Fix: drop --chat, or give --chat-template NAME|FILE.")  # fmt: skip
+        messages = [{"role": "system", "content": system}] if system else []
+        return self.chat_template.render_prompt(
+            [*messages, {"role": "user", "content": prompt}], self.tokenizer
+        )
+
     def generate(
-        self, prompts: list[str] | str, params: SamplingParams | None = None, *, use_cache: bool = True
-    ) -> list[Generation]:
-        """One Generation per prompt, batched ``batch_size`` at a time (longest first, less padding)."""
+        self, prompts: list[str] | str, params: SamplingParams | None = None, *, use_cache: bool = True,
+        chat: bool = False, system: str | None = None,
+    ) -> list[Generation]:  # fmt: skip
+        """One Generation per prompt, batched ``batch_size`` at a time (longest first, less padding). With
+        ``chat``, each prompt is a user message in the model's chat template, and the template's end-of-turn
+        text ends an answer."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = [self.encode_prompt(p) for p in prompts]
+        if chat:
+            from dataclasses import replace
+
+            ids = [self.chat_prompt(p, system) for p in prompts]
+            params = params or SamplingParams()
+            params = replace(params, stop=tuple(dict.fromkeys([*params.stop, *self.chat_template.stop])))
+        else:
+            ids = [self.encode_prompt(p) for p in prompts]
         return self.generate_ids(ids, params, use_cache=use_cache)
 
     def generate_ids(
@@ -420,11 +447,12 @@ class Generator:
 
 
 def generate_text(
-    generator: Generator, prompts: list[str], params: SamplingParams, *, use_cache: bool = True
+    generator: Generator, prompts: list[str], params: SamplingParams, *, use_cache: bool = True, **chat
 ) -> tuple[list[Generation], float]:
-    """Generate and time it; logs throughput on stderr (stdout is reserved for generated text)."""
+    """Generate and time it; logs throughput on stderr (stdout is reserved for generated text). ``chat``:
+    ``chat=True`` (and ``system=...``) to render prompts with the model's chat template."""
     t0 = time.perf_counter()
-    results = generator.generate(prompts, params, use_cache=use_cache)
+    results = generator.generate(prompts, params, use_cache=use_cache, **chat)
     dt = time.perf_counter() - t0
     n = sum(len(r.tokens) for r in results)
     print(

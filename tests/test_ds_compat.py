@@ -130,7 +130,13 @@ def _pipeline(rank: int, world: int) -> dict:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     module = pipeline_module(ModelArgs(vocab_size=256), Topology(1, 1, 1, 0), seed=1)
     names = ds_compat.pipeline_layer_names(module)
-    assert names == ["Embedding", "Block", "Block", "FinalNorm", "PipelineHead"]
+    assert names == [
+        "PipelineEmbedding",
+        "PipelineBlock",
+        "PipelineBlock",
+        "PipelineFinalNorm",
+        "PipelineHead",
+    ]
     assert ds_compat.pipeline_parts(module) == [0, 5]
     assert type(ds_compat.pipeline_last_layer(module, None)).__name__ == "PipelineHead"
     assert ds_compat.pipeline_topology(1, 1, 1).get_coord(0).pipe == 0

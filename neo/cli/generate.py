@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
     p.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message, rendered with the chat template the checkpoint was "
+                   "fine-tuned with (objective sft); the answer stops at the template's end of turn")  # fmt: skip
+    p.add_argument("--system", default=None, help="with --chat: a system message before each prompt")
+    p.add_argument("--chat-template", default=None,
+                   help="with --chat: this template (chatml, plain, a .jinja or tokenizer_config.json) instead")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (--prompt-file)")
     p.add_argument(
         "--max-length",
@@ -165,15 +171,30 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    chat = _chat_options(gen, args)
     if args.prompt is not None:
-        (result,), _ = generate_text(gen, [args.prompt], params, use_cache=not args.no_cache)
+        (result,), _ = generate_text(gen, [args.prompt], params, use_cache=not args.no_cache, **chat)
         print((args.prompt if args.echo else "") + result.text, flush=True)
     elif prompts is not None:
-        results, _ = generate_text(gen, prompts, params, use_cache=not args.no_cache)
+        results, _ = generate_text(gen, prompts, params, use_cache=not args.no_cache, **chat)
         _write_jsonl(args.output, prompts, results)
     else:
-        interactive(gen, params, echo=args.echo, use_cache=not args.no_cache)
+        interactive(gen, params, echo=args.echo, use_cache=not args.no_cache, **chat)
     return 0
+
+
+def _chat_options(gen, args: argparse.Namespace) -> dict:
+    """generate_text's chat options from --chat, --system and --chat-template (checked before generating)."""
+    if not args.chat:
+        if args.system or args.chat_template:
+            raise UsageError("--system and --chat-template go with --chat")
+        return {}
+    if args.chat_template:
+        from neo.data.chat import load_template
+
+        gen.chat_template = load_template(args.chat_template)
+    gen.chat_prompt("", args.system)  # refuses a checkpoint without a template, before any work
+    return {"chat": True, "system": args.system}
 
 
 def _write_jsonl(path: str | None, prompts: list[str], results) -> None:
@@ -192,7 +213,7 @@ def _write_jsonl(path: str | None, prompts: list[str], results) -> None:
             out.close()
 
 
-def interactive(gen, params, *, echo: bool, use_cache: bool) -> None:
+def interactive(gen, params, *, echo: bool, use_cache: bool, **chat) -> None:
     """A prompt per stdin line until EOF; each answer is printed to stdout as soon as it is done.
 
     Without a fixed --seed, each prompt draws a new seed (logged), so asking again gives a new sample.
@@ -213,7 +234,7 @@ def interactive(gen, params, *, echo: bool, use_cache: bool) -> None:
         p = replace(params, seed=None if params.seed is None else params.seed + n)
         n += 1
         try:
-            (result,), _ = generate_text(gen, [prompt], p, use_cache=use_cache)
+            (result,), _ = generate_text(gen, [prompt], p, use_cache=use_cache, **chat)
         except GenerationError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
             continue

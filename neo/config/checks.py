@@ -21,6 +21,15 @@ def _check(cfg: Config, b: _Builder) -> None:
     _resolve_batch(cfg, b)
 
 
+def model_problems(cfg: Config) -> list[str]:
+    """The problems of ``cfg.model`` and its parallel layout alone (a model shape taken from a checkpoint)."""
+    b = _Builder({})
+    if _check_sizes(cfg, b):
+        _check_model(cfg, b)
+        _check_parallel(cfg, b)
+    return b.problems
+
+
 def _check_sizes(cfg: Config, b: _Builder) -> bool:
     """Sizes that must be positive; False when one is not (the checks that divide by them wait)."""
     p, m, par, w = b.problems, cfg.model, cfg.parallel, b.where

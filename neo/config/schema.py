@@ -115,6 +115,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    # start from these weights: a neo checkpoint (a folder, or a checkpoint dir: its newest) or a local
+    # Hugging Face GPTNeoX folder (converted on load), with a fresh optimizer and schedule at iteration 0.
+    # Keys of `model:` left unset take the checkpoint's shape. A run that has its own checkpoints resumes
+    # from those instead.
+    init_from: str | None = None
+
+
+@dataclass
 class LoggingConfig:
     dir: str = "runs/default"  # the run's outputs: resolved config, metrics.jsonl, checkpoints
     interval: int = 10  # one log line every N steps
@@ -148,6 +157,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra keys passed to DeepSpeed as they are

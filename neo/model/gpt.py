@@ -334,6 +334,42 @@ def flops_per_token(args: ModelArgs, seq_length: int | None = None) -> float:
     return 6.0 * matmul_params + 12.0 * args.n_layers * args.hidden_size * s
 
 
+class PipelineEmbedding(Embedding):
+    """The embedding as the pipeline form's first layer. Packed examples arrive as (tokens, positions,
+    segments); the positions and segments travel on with the hidden states to every block (DeepSpeed
+    sends the integer tensors between stages without gradients)."""
+
+    def forward(self, inputs, ctx: Context | None = None):
+        if not isinstance(inputs, (tuple, list)):
+            return super().forward(inputs, ctx)
+        tokens, positions, segments = inputs
+        return super().forward(tokens, Context(positions=positions)), positions, segments
+
+
+class PipelineBlock(Block):
+    """A block in the pipeline form: hidden states, or (hidden, positions, segments) for packed examples."""
+
+    def forward(self, inputs, ctx: Context | None = None):
+        if not isinstance(inputs, (tuple, list)):
+            return super().forward(inputs, ctx)
+        x, positions, segments = inputs
+        return (
+            super().forward(x, Context(positions=positions, mask=segment_mask(segments))),
+            positions,
+            segments,
+        )
+
+
+class PipelineFinalNorm(FinalNorm):
+    """The final norm in the pipeline form: from here on only the hidden states travel."""
+
+    def forward(self, inputs, ctx: Context | None = None) -> torch.Tensor:
+        return super().forward(inputs[0] if isinstance(inputs, (tuple, list)) else inputs, ctx)
+
+
+_PIPELINE_FORM = {Embedding: PipelineEmbedding, Block: PipelineBlock, FinalNorm: PipelineFinalNorm}
+
+
 def pipeline_module(
     args: ModelArgs,
     topo,
@@ -357,6 +393,7 @@ def pipeline_module(
     head = replace(head, forward_fn=_pass_hidden) if head.tie_key else replace(head, cls=PipelineHead)
     specs = []
     for spec in (*body, head):
+        spec = replace(spec, cls=_PIPELINE_FORM.get(spec.cls, spec.cls))
         if spec.tie_key is not None:
             specs.append(
                 TiedLayerSpec(
@@ -376,7 +413,7 @@ def pipeline_module(
         loss_fn=loss,
         partition_method=partition_method,
         activation_checkpoint_interval=checkpoint_interval,
-        checkpointable_layers=["Block"],
+        checkpointable_layers=["PipelineBlock"],
     )
     loss.head = ds_compat.pipeline_last_layer(module, head.tie_key)
     for name, child in module.named_children():

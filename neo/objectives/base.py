@@ -109,6 +109,10 @@ class Objective:
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), **self.summarize(sums)}
 
     # ---------------------------------------------------------------------------------------- resume
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint records for its readers (e.g. the chat template generation must use)."""
+        return {}
+
     def state_dict(self) -> dict:
         """What a checkpoint must hold for this objective to resume exactly (beyond the data position)."""
         return {}

@@ -36,13 +36,20 @@ class SFT(Objective):
 
     def build_datasets(self, cfg, tokenizer, num_samples: dict[str, int]) -> dict:
         from neo.data.examples import build_example_datasets
+        from neo.data.indexed import IndexedTokens
 
         d = cfg.data
+        self.chat_template = IndexedTokens(d.train_paths[0]).chat_template if d.train_paths else None
         return build_example_datasets(kind="chat", train_paths=d.train_paths, train_weights=d.train_weights,
                                       valid_paths=d.valid_paths, test_paths=d.test_paths, split=d.split,
                                       seq_length=cfg.model.seq_length, seed=cfg.seed, num_samples=num_samples,
                                       cache_dir=d.cache_dir, tokenizer=tokenizer.name, packing=d.packing,
                                       pad_id=tokenizer.eod_id)  # fmt: skip
+
+    def checkpoint_meta(self) -> dict:
+        """The chat template the data was rendered with: ``generate --chat`` renders prompts the same way."""
+        template = getattr(self, "chat_template", None)
+        return {"chat_template": template} if template else {}
 
     def collate(self, samples: list) -> MicroBatch:
         """Items {tokens, loss_mask, segments} of seq_length + 1 -> inputs (tokens, positions, segments) of

@@ -29,11 +29,12 @@ def model_args(cfg: Config, tokenizer, saved_model: dict | None = None) -> Model
     its weights)."""
     from neo.data.tokenizer import padded_vocab_size
 
-    vocab = cfg.model.vocab_size
+    model = cfg.model if saved_model is None else _saved_shape(cfg, saved_model)
+    vocab = model.vocab_size
     if vocab is None and saved_model is not None:
         vocab = int(saved_model["vocab_size"])
     elif vocab is None:
-        vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.vocab_multiple)
+        vocab = padded_vocab_size(tokenizer.vocab_size, model.vocab_multiple)
     elif vocab < tokenizer.vocab_size:
         raise ConfigError([f"model.vocab_size = {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
                            f"tokens ({tokenizer.name}). Fix: remove model.vocab_size to use the tokenizer's "
@@ -43,7 +44,23 @@ def model_args(cfg: Config, tokenizer, saved_model: dict | None = None) -> Model
         raise ConfigError([f"{where} vocabulary of {vocab} rows is not divisible by parallel.tp = {cfg.parallel.tp}. "
                            "Fix: choose a tp that divides it (a new model: set model.vocab_multiple to a multiple "
                            "of tp, e.g. 128)."])  # fmt: skip
-    return dataclasses.replace(cfg.model, vocab_size=vocab)
+    return dataclasses.replace(model, vocab_size=vocab)
+
+
+def _saved_shape(cfg: Config, saved_model: dict) -> ModelArgs:
+    """``cfg.model`` where the config sets a key, the loaded checkpoint's model elsewhere: fine-tuning or
+    resuming a checkpoint needs no restatement of its shape. The result is validated like a config."""
+    from neo.config.checks import model_problems
+
+    set_here = {k.split(".", 1)[1] for k in getattr(cfg, "sources", {}) if k.startswith("model.")}
+    names = {f.name for f in dataclasses.fields(ModelArgs)}
+    model = dataclasses.replace(
+        cfg.model, **{k: v for k, v in saved_model.items() if k in names and k not in set_here}
+    )
+    problems = model_problems(dataclasses.replace(cfg, model=model))
+    if problems:
+        raise ConfigError([f"with the model shape of the checkpoint being loaded: {p}" for p in problems])
+    return model
 
 
 def build_model(args: ModelArgs, cfg: Config, topo: Topology) -> torch.nn.Module:

@@ -115,7 +115,25 @@ class Trainer:
             return self._plan_resume(path)
         if c.load:
             return ckpt_load.plan_load(resolve(c.load), self.layout(), c.load_weights_only, c.verify)
+        if self.cfg.finetune.init_from:
+            return ckpt_load.plan_load(self._init_from(), self.layout(), True, c.verify)
         return None
+
+    def _init_from(self) -> str:
+        """finetune.init_from as a neo checkpoint folder: a Hugging Face folder is converted once (rank 0, into
+        <logging.dir>/init_from) while the other ranks wait."""
+        source = self.cfg.finetune.init_from
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            return resolve(source)
+        target = os.path.join(self.cfg.logging.dir, "init_from")
+        if self.env.rank == 0 and not os.path.isfile(os.path.join(target, "neo.json")):
+            from neo.export.hf import import_hf
+
+            import_hf(source, target, tokenizer=self.cfg.data.tokenizer)
+            log(f"neo: converted the Hugging Face model {source} into {target}")
+        if dist.is_initialized():
+            dist.barrier()
+        return target
 
     def _plan_resume(self, latest: str) -> ckpt_load.LoadPlan:
         """The newest checkpoint of this run; an older one only if it fails verification and
@@ -160,7 +178,8 @@ class Trainer:
         meta = {"consumed_samples": self.consumed, "config": to_dict(self.cfg), "model": dataclasses.asdict(self.args),
                 "layout": self.layout(), "tokenizer": self.tokenizer.name, "tokenizer_spec": self.cfg.data.tokenizer,
                 "objective": self.objective.name, "objective_state": self.objective.state_dict(),
-                "lr_schedule": self.scheduler.state_dict(), "engine": ds_compat.engine_state(self.engine)}  # fmt: skip
+                "lr_schedule": self.scheduler.state_dict(), "engine": ds_compat.engine_state(self.engine),
+                **self.objective.checkpoint_meta()}  # fmt: skip
         path = ckpt_save.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta,
                               self.cfg.checkpoint.keep_last_n, topo=self.topo, zero_stage=self.cfg.zero.stage)  # fmt: skip
         log(f"neo: saved checkpoint {path}")

@@ -25,12 +25,13 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SI
 LAUNCH_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "TORCHELASTIC_", "PMI_", "OMPI_")
 
 
-def make_tokens(folder: Path, *extra: str) -> str:
-    """Tokenize the bundled sample corpus with neo's own CLI; returns the .bin/.idx prefix."""
+def make_tokens(folder: Path, *extra: str, source: Path | None = None) -> str:
+    """Tokenize a bundled sample (the Austen corpus by default) with neo's own CLI; returns the .bin/.idx prefix."""
     prefix = Path(folder) / "sample"
+    source = source or ROOT / "data" / "sample" / "austen.jsonl.gz"
     if not Path(str(prefix) + ".idx").exists():
-        cmd = [sys.executable, str(ROOT / "launch" / "preprocess.py"), str(ROOT / "data" / "sample" / "austen.jsonl.gz"),
-               "--output", str(prefix), "--workers", "2", *extra]  # fmt: skip
+        cmd = [sys.executable, str(ROOT / "launch" / "preprocess.py"), str(source), "--output", str(prefix),
+               "--workers", "2", *extra]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300, env=clean_env())
     return str(prefix)
 

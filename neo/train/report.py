@@ -46,8 +46,12 @@ class RunLog:
         if note:
             record["note"] = note
         extra = "".join(f" | {k} {v:.4g}" for k, v in metrics.items() if k not in ("loss", "ppl"))
-        self.say(f"step {step:>6} | validation loss {metrics['loss']:.4f} | perplexity {metrics['ppl']:.2f}"
-                 + extra + (f" ({note})" if note else ""))  # fmt: skip
+        ppl = f" | perplexity {metrics['ppl']:.2f}" if "ppl" in metrics else ""
+        self.say(
+            f"step {step:>6} | validation loss {metrics['loss']:.4f}{ppl}"
+            + extra
+            + (f" ({note})" if note else "")
+        )
         self.write(record)
 
     def end(self, step: int, code: int, checkpoint: str) -> None:

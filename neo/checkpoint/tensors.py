@@ -94,8 +94,9 @@ def _shape(model: dict) -> dict:
 
     a = ModelArgs(**model)
     keys = ("n_layers", "hidden_size", "n_heads", "ffn_size", "vocab_size", "position_embedding", "rotary_dim",
-            "parallel_residual", "norm", "activation", "tie_embeddings")  # fmt: skip
+            "parallel_residual", "norm", "activation", "tie_embeddings", "bias")  # fmt: skip
     shape = {k: getattr(a, k) for k in keys}
+    shape.update(n_kv_heads=a.kv_heads, qkv_bias=a.use_qkv_bias)  # resolved: None means "as n_heads / bias"
     if a.position_embedding == "learned":
         shape["max_positions"] = a.max_positions
     return shape

@@ -123,7 +123,7 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
     state, meta = load_full_weights(path)
     args = ModelArgs(**meta["model"])
-    model = GPT(args)
+    model = GPT(args) if dtype is None else GPT(args).to(dtype)  # fp64 weights must not pass through fp32
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -42,7 +42,7 @@ example:
         "--tokenizer",
         default="gpt2",
         help=f"{' | '.join(NAMES)} | path to a .tiktoken file | dir with encoder.json + vocab.bpe "
-        "(default: gpt2)",
+        "| hf:DIR with a Hugging Face tokenizer.json (default: gpt2)",
     )
     p.add_argument("--text-key", default="text", help="JSON key / column holding the text (default: text)")
     p.add_argument(

@@ -1,7 +1,7 @@
 """Grouped-query attention under tensor and pipeline parallelism: tp = 2 equals tp = 1 (weights, logits,
 loss and every gradient; 2 gloo processes), key/value heads that tp does not divide are refused, and a
 Llama-shaped model (GQA, no biases, rotary scaling, sliding window) trains the single-process loss curve
-as a 2-stage pipeline x 2 tensor-parallel ranks."""
+as a 2-stage pipeline x 2 tensor-parallel ranks, and its checkpoint exports to transformers' logits."""
 
 from __future__ import annotations
 
@@ -63,3 +63,22 @@ def test_pipeline_and_tensor_parallel_llama_shape_trains_the_single_process_curv
     assert "stage 1: layers" in run.output
     for a, b in ((run.losses, ref.losses), (run.valid_losses, ref.valid_losses)):
         assert len(a) == len(b) and a and max(abs(x - y) / abs(y) for x, y in zip(a, b)) <= 1e-4
+
+    # The pp 2 x tp 2 checkpoint exports (its sliding window makes it a MistralForCausalLM) to transformers'
+    # logits.
+    import torch
+    import transformers
+
+    from neo.checkpoint import load_model
+    from neo.export.hf import export_checkpoint
+
+    assert (
+        export_checkpoint(str(run.dir / "checkpoints"), str(tmp_path / "hf"))["architecture"]
+        == "MistralForCausalLM"
+    )
+    model, args, _ = load_model(str(run.dir / "checkpoints"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5

@@ -52,6 +52,8 @@ def test_special_tokens(folders, kind, eod, bos):
     assert tok.bos_id == (None if bos is None else ref.token_to_id(bos))
     first = tok.encode("hello")[0]
     assert (first == tok.bos_id) if bos else (first not in tok.special_ids)  # Llama puts BOS first
+    plain = tok.encode("hello", add_special_tokens=False)  # what lm-eval asks for a continuation
+    assert plain == ref.encode("hello", add_special_tokens=False).ids and tok.bos_id not in plain
     assert tok.vocab_size == ref.get_vocab_size(with_added_tokens=True)
 
 

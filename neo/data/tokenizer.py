@@ -86,8 +86,9 @@ class Tokenizer:
     eod_id: int
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]:
-        """Ordinary text: special-token strings in the text are encoded as plain text, never as specials."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ordinary text: special-token strings in the text are encoded as plain text, never as specials.
+        (tiktoken encodings add no special tokens; the flag is there for ``HFTokenizer``'s sake.)"""
         return self.encoding.encode_ordinary(text)
 
     def encode_array(self, text: str) -> np.ndarray:
@@ -362,8 +363,9 @@ class HFTokenizer:
             out["bos_token"] = self.backend.id_to_token(self.bos_id)
         return out
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The library's ids; ``add_special_tokens=False`` leaves out what the post-processor adds (BOS)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.backend.encode(text).ids, dtype=np.uint32)

@@ -28,6 +28,13 @@ class RopeScaling:
     high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_positions / this are kept
     original_max_positions: int = 8192  # llama3: the pretraining context length
 
+    @classmethod
+    def from_dict(cls, d: dict) -> RopeScaling:
+        """From neo's keys, or transformers' (``rope_type``, ``original_max_position_embeddings``)."""
+        aliases = {"rope_type": "type", "original_max_position_embeddings": "original_max_positions"}
+        d = {aliases.get(k, k): v for k, v in d.items() if k != "rope_theta"}
+        return cls(**{**d, "type": "none" if d.get("type") == "default" else d.get("type", "none")})
+
 
 @dataclass
 class ModelArgs:
@@ -73,7 +80,7 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # a checkpoint's neo.json holds the dataclass as a mapping
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+            self.rope_scaling = RopeScaling.from_dict(self.rope_scaling)
 
     @property
     def kv_heads(self) -> int:

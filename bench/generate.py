@@ -97,16 +97,15 @@ class _IdsTokenizer:
         return ""
 
 
-def kv_heads_main(opts) -> int:
-    """KV cache bytes and tokens/s of the same shape with each number of key/value heads."""
+def _kv_heads_measure(opts, device: str):
+    """(rows per n_kv_heads, the multi-head shape): cache bytes after the call and tokens/s, interleaved."""
     import torch
 
     from neo.generate import Generator, SamplingParams
     from neo.model.gpt import GPT, parameter_count
 
-    device = "cuda" if opts.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.dtype]
-    prefix, new, env = max(int(x) for x in opts.prefixes.split(",")), opts.new, environment()
+    prefix, new = max(int(x) for x in opts.prefixes.split(",")), opts.new
     kv_list = [int(x) for x in opts.kv_heads.split(",")]
     gens, args = {}, {}
     for kv in kv_list:
@@ -140,7 +139,18 @@ def kv_heads_main(opts) -> int:
             "tokens_per_s": statistics.median(tps),
             "tokens_per_s_range": [min(tps), max(tps)],
         }
-    a = args[kv_list[0]]
+    return rows, args[kv_list[0]]
+
+
+def kv_heads_main(opts) -> int:
+    """KV cache bytes and tokens/s of the same shape with each number of key/value heads."""
+    import torch
+
+    device = "cuda" if opts.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    env = environment()
+    prefix, new = max(int(x) for x in opts.prefixes.split(",")), opts.new
+    rows, a = _kv_heads_measure(opts, device)
+    heads = a.n_heads
     record = {**env, "bench": "generate-gqa", "device": device, "dtype": opts.dtype, "batch": opts.batch,
               "prefix": prefix, "new_tokens": new, "reps": opts.reps, "n_heads": heads,
               "model": {k: getattr(a, k) for k in ("n_layers", "hidden_size", "n_heads", "vocab_size")},

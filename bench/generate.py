@@ -5,6 +5,7 @@
     python bench/generate.py --reps 3 --new 32        # quicker
     python bench/generate.py --device cuda --batch 8  # a GPU: record generate-cuda-<date>
     python bench/generate.py --set model.n_layers=12  # another shape (keys of the model section)
+    python bench/generate.py --kv-heads 6,3,2,1       # KV cache memory of grouped-query attention
 
 Model: the ~20M-parameter shape of every neo bench (``common.DEFAULT_MODEL``: 6 layers, hidden 384,
 6 heads, vocab 12,288), randomly initialised; transformers' ``GPTNeoXForCausalLM`` gets the same weights
@@ -25,6 +26,12 @@ medians over rounds, and ratios as the median (and range) of the per-round paire
 the best (fastest) round of each variant, which a round slowed by other jobs cannot move. Targets
 (the issue): neo-cache >= 1.0x hf-cache tokens/s on CPU; neo-cache ms/token at the longest prefix
 about equal to the shortest.
+
+``--kv-heads`` runs another comparison (record ``generate-gqa-<date>``): the same shape with each number
+of key/value heads (grouped-query attention; n_heads = multi-head, 1 = multi-query), neo-cache only,
+greedy from the longest prefix. Reported per variant: the KV cache's bytes after the call (measured
+from its buffers) against the multi-head model's, which should shrink by n_heads / n_kv_heads exactly,
+and tokens/s, interleaved as above.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--tag", default=None, help="inserted into the record's name (default: 'cuda' on a GPU)")
     p.add_argument("--no-record", action="store_true", help="print only; write no files")
+    p.add_argument(
+        "--kv-heads", default=None, help="comma-separated n_kv_heads: the grouped-query KV cache comparison"
+    )
     return p.parse_args(argv)
 
 
@@ -87,8 +97,100 @@ class _IdsTokenizer:
         return ""
 
 
+def _kv_heads_measure(opts, device: str):
+    """(rows per n_kv_heads, the multi-head shape): cache bytes after the call and tokens/s, interleaved."""
+    import torch
+
+    from neo.generate import Generator, SamplingParams
+    from neo.model.gpt import GPT, parameter_count
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.dtype]
+    prefix, new = max(int(x) for x in opts.prefixes.split(",")), opts.new
+    kv_list = [int(x) for x in opts.kv_heads.split(",")]
+    gens, args = {}, {}
+    for kv in kv_list:
+        args[kv] = model_args([*opts.overrides, f"model.n_kv_heads={kv}"], prefix + new + 1)
+        model = GPT(args[kv], seed=opts.seed).eval().to(device=device, dtype=dtype)
+        gens[kv] = Generator(model, _IdsTokenizer(args[kv].vocab_size), batch_size=opts.batch)
+    heads = args[kv_list[0]].n_heads
+    g = torch.Generator().manual_seed(opts.seed)
+    prompt = torch.randint(1, args[kv_list[0]].vocab_size, (opts.batch, prefix), generator=g).tolist()
+    params = SamplingParams(max_new_tokens=new + 1, greedy=True, stop_at_eod=False)
+    times: dict[int, list[float]] = {kv: [] for kv in kv_list}
+    for kv in kv_list:
+        gens[kv].generate_ids(prompt, params)  # warm-up
+    for r in range(opts.reps):
+        for kv in kv_list[r % len(kv_list) :] + kv_list[: r % len(kv_list)]:
+            t0 = time.perf_counter()
+            gens[kv].generate_ids(prompt, params)
+            times[kv].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{opts.reps} done", file=sys.stderr, flush=True)
+    full = gens[heads].last_cache_bytes if heads in gens else None
+    rows = {}
+    for kv in kv_list:
+        tps = [(new + 1) * opts.batch / t for t in times[kv]]
+        nbytes = gens[kv].last_cache_bytes
+        rows[str(kv)] = {
+            "n_kv_heads": kv,
+            "parameters_M": round(parameter_count(args[kv])["total"] / 1e6, 3),
+            "cache_bytes": nbytes,
+            "cache_ratio_vs_mha": (full / nbytes) if full else None,
+            "expected_ratio": heads / kv,
+            "tokens_per_s": statistics.median(tps),
+            "tokens_per_s_range": [min(tps), max(tps)],
+        }
+    return rows, args[kv_list[0]]
+
+
+def kv_heads_main(opts) -> int:
+    """KV cache bytes and tokens/s of the same shape with each number of key/value heads."""
+    import torch
+
+    device = "cuda" if opts.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    env = environment()
+    prefix, new = max(int(x) for x in opts.prefixes.split(",")), opts.new
+    rows, a = _kv_heads_measure(opts, device)
+    heads = a.n_heads
+    record = {**env, "bench": "generate-gqa", "device": device, "dtype": opts.dtype, "batch": opts.batch,
+              "prefix": prefix, "new_tokens": new, "reps": opts.reps, "n_heads": heads,
+              "model": {k: getattr(a, k) for k in ("n_layers", "hidden_size", "n_heads", "vocab_size")},
+              "variants": rows}  # fmt: skip
+    table = markdown_table(
+        ["n_kv_heads", "parameters (M)", "KV cache (MB)", "MHA cache / this", "n_heads / n_kv_heads",
+         "tokens/s (median)", "range"],
+        [[v["n_kv_heads"], f"{v['parameters_M']:.2f}", f"{v['cache_bytes'] / 2**20:.3f}",
+          "-" if v["cache_ratio_vs_mha"] is None else f"{v['cache_ratio_vs_mha']:.3f}", f"{v['expected_ratio']:.3f}",
+          f"{v['tokens_per_s']:.1f}", f"{v['tokens_per_s_range'][0]:.1f}-{v['tokens_per_s_range'][1]:.1f}"]
+         for v in rows.values()],
+    )  # fmt: skip
+    markdown = f"""# Generation: the KV cache of grouped-query attention
+
+{{environment}}
+
+Model: {a.n_layers} layers, hidden {a.hidden_size}, {heads} query heads, vocab {a.vocab_size}, random weights,
+{device} {opts.dtype}; each row the same shape with n_kv_heads key/value heads (the k/v projection, and so
+the parameter count, shrinks with them). Greedy, batch {opts.batch}, prompt {prefix} tokens + {new + 1} new
+tokens; {opts.reps} interleaved rounds. *KV cache* = bytes of the cache's key and value buffers after the
+call ({prefix + new + 1} positions x layers x kv heads x head size x 2 x dtype bytes), measured with
+``KVCache.nbytes``; it should shrink by n_heads / n_kv_heads exactly. *tokens/s*: median and range over
+the rounds; fewer kv heads read less cache per token, but at this size the step is dominated by the
+matmuls, and on a shared machine (see the load average above) the timings are indicative only: the
+memory column is the measurement.
+
+{table}
+"""
+    print(markdown.replace("{environment}", ""))
+    if not opts.no_record:
+        name = "generate-gqa" + (f"-{opts.tag}" if opts.tag else "")
+        paths = write_record(name, record, markdown, opts.out)
+        print("wrote " + ", ".join(str(x) for x in paths), file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    if opts.kv_heads:
+        return kv_heads_main(opts)
     import torch
     import transformers
 

@@ -116,13 +116,12 @@ def _nll(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
     """UTF-8 byte length of every token id's text (special tokens: 0), for bits per byte of token files."""
-    enc = tokenizer.encoding
-    lengths = np.zeros(max(enc.n_vocab, tokenizer.vocab_size), dtype=np.int64)
-    specials = set(enc._special_tokens.values()) if hasattr(enc, "_special_tokens") else {tokenizer.eod_id}
-    for i in range(enc.n_vocab):
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    specials = tokenizer.special_ids
+    for i in range(tokenizer.vocab_size):
         if i not in specials:
             try:
-                lengths[i] = len(enc.decode_single_token_bytes(i))
+                lengths[i] = len(tokenizer.token_bytes(i))
             except KeyError:  # ids with no token (gaps in some vocabularies)
                 pass
     return lengths

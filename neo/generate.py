@@ -6,8 +6,10 @@ for a checkpoint of any layout. Three choices shape it:
 * **KV cache, preallocated.** Every layer's keys and values live in one buffer sized for the longest
   sequence the call can produce, and each step writes one position into it, so a new token costs one
   position of compute whatever the prefix length (a concatenated cache would copy the whole prefix per
-  step). ``use_cache=False`` recomputes the full prefix at every step; it exists as the reference the
-  cache is tested against and as the benchmark's baseline.
+  step). It holds the key/value heads only (grouped-query attention: n_heads / n_kv_heads times less
+  than one per query head), and a sliding-window model keeps only its window, as a ring.
+  ``use_cache=False`` recomputes the full prefix at every step; it exists as the reference the cache is
+  tested against and as the benchmark's baseline.
 * **Left padding.** Prompts of different lengths are padded on the left so that every row's next token
   sits in the same column. Each row's positions start at 0 at its first real token and padded keys are
   masked out, so a row's logits do not depend on what it is batched with (batched == one by one).
@@ -254,6 +256,7 @@ class Generator:
             preallocate  # False: a concatenating KV cache (kept for the benchmark's comparison)
         )
         self.last_seed: int | None = None
+        self.last_cache_bytes = 0  # KV cache of the last batch: key/value heads x positions held x layers
         self._bytes_cache: dict[int, bytes] = {}
         self.chat_template = None  # set from the checkpoint of a chat fine-tune (neo.data.chat.ChatTemplate)
 
@@ -345,12 +348,8 @@ class Generator:
     def _token_bytes(self, t: int) -> bytes:
         b = self._bytes_cache.get(t)
         if b is None:
-            enc = getattr(self.tokenizer, "encoding", None)
-            b = (
-                enc.decode_single_token_bytes(t)
-                if enc is not None
-                else self.tokenizer.decode([t]).encode("utf-8")
-            )
+            of = getattr(self.tokenizer, "token_bytes", None)  # tokenizers without it: text only
+            b = of(t) if of is not None else self.tokenizer.decode([t]).encode("utf-8")
             self._bytes_cache[t] = b
         return b
 
@@ -430,6 +429,7 @@ class Generator:
                     positions=positions[:, :cur], mask=attention_mask(valid[:, :cur], cur) if padded else None
                 )
                 logits = forward_last(self.model, seq[:, :cur], ctx)
+        self.last_cache_bytes = cache.nbytes() if cache is not None else 0
         results = []
         for i in range(b):
             text = bytes(texts[i][: cuts[i]] if cuts[i] is not None else texts[i]).decode(

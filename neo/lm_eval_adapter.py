@@ -92,6 +92,8 @@ class NeoLM(TemplateLM):
         return getattr(self.tokenizer, "name", "neo")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        if add_special_tokens is False:  # a continuation: no BOS in front (Hugging Face tokenizers add one)
+            return self.tokenizer.encode(string, add_special_tokens=False)
         return self.tokenizer.encode(string)
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:

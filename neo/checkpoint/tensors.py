@@ -96,8 +96,9 @@ def _shape(model: dict) -> dict:
 
     a = ModelArgs(**model)
     keys = ("n_layers", "hidden_size", "n_heads", "ffn_size", "vocab_size", "position_embedding", "rotary_dim",
-            "parallel_residual", "norm", "activation", "tie_embeddings")  # fmt: skip
+            "parallel_residual", "norm", "activation", "tie_embeddings", "bias")  # fmt: skip
     shape = {k: getattr(a, k) for k in keys}
+    shape.update(n_kv_heads=a.kv_heads, qkv_bias=a.use_qkv_bias)  # resolved: None means "as n_heads / bias"
     if a.position_embedding == "learned":
         shape["max_positions"] = a.max_positions
     return shape
@@ -125,7 +126,7 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
     state, meta = load_full_weights(path, checksums=checksums)
     args = ModelArgs(**meta["model"])
-    model = GPT(args)
+    model = GPT(args) if dtype is None else GPT(args).to(dtype)  # fp64 weights must not pass through fp32
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -1,12 +1,17 @@
-"""Export a neo checkpoint to a transformers GPTNeoX directory, or import one back.
+"""Export a neo checkpoint to a transformers folder (GPTNeoX, Llama, Mistral, Qwen2), or import one back.
 
     python launch/export.py runs/quickstart/checkpoints hf/quickstart        # neo -> transformers
-    python launch/export.py --from-hf hf/pythia-70m neo-ckpt/pythia-70m      # transformers -> neo
+    python launch/export.py runs/tune/checkpoints hf/tune --arch mistral     # this architecture
+    python launch/export.py --from-hf hf/Llama-3.2-1B neo-ckpt/llama         # transformers -> neo
 
 The export merges tensor- and pipeline-parallel shards (any layout the run used) into one
-model.safetensors with config.json and, for GPT-2-style BPE, the tokenizer files; it loads with
-``GPTNeoXForCausalLM.from_pretrained(OUT)`` offline. The import writes a weights-only neo checkpoint:
-train from it with ``--set checkpoint.load=OUT --set checkpoint.load_weights_only=true``.
+model.safetensors with config.json and the tokenizer files (a Hugging Face tokenizer's own, or GPT-2's
+BPE); it loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` offline. The architecture follows from
+the model's options (LayerNorm + GeLU: GPTNeoX; RMSNorm + SwiGLU: Llama, Qwen2 with a q/k/v-only bias,
+Mistral with a sliding window) unless ``--arch`` names one; what it cannot express exactly is refused by
+name. The import writes a weights-only neo checkpoint (at ``--tp``/``--pp``; it loads into any layout)
+with the folder's tokenizer: train from it with ``--set checkpoint.load=OUT --set
+checkpoint.load_weights_only=true``, generate from it with no further flags.
 """
 
 from __future__ import annotations
@@ -27,11 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "source",
         help="neo checkpoint (a run's checkpoints/ dir or one iter_* folder); "
-        "with --from-hf, a transformers GPTNeoX directory",
+        "with --from-hf, a transformers folder (GPTNeoX, Llama, Mistral, Qwen2)",
     )
     parser.add_argument("output", help="folder to create")
+    parser.add_argument("--from-hf", action="store_true", help="import a transformers folder into neo")
     parser.add_argument(
-        "--from-hf", action="store_true", help="import a transformers GPTNeoX directory into neo"
+        "--arch",
+        choices=["gpt_neox", "llama", "mistral", "qwen2"],
+        default=None,
+        help="export as this architecture (default: the one the model's options name)",
     )
     parser.add_argument(
         "--dtype",
@@ -39,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="export weights in this dtype (default: as saved)",
     )
-    parser.add_argument("--tokenizer", default="gpt2", help="with --from-hf: the tokenizer spec to record")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="with --from-hf: the tokenizer spec to record (default: the folder's tokenizer.json)",
+    )
+    parser.add_argument("--tp", type=int, default=1, help="with --from-hf: tensor-parallel shards to write")
+    parser.add_argument("--pp", type=int, default=1, help="with --from-hf: pipeline stages to write")
     parser.add_argument("--no-verify", action="store_true",
                         help="check checkpoint file sizes only, not their sha256 (faster; logged)")  # fmt: skip
     return parser
@@ -56,22 +71,22 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"{e}. Fix: pip install -e '.[hf]' (transformers)") from None
     if args.from_hf:
-        result = import_hf(args.source, args.output, tokenizer=args.tokenizer)
+        result = import_hf(args.source, args.output, tokenizer=args.tokenizer, tp=args.tp, pp=args.pp)
         print(
-            f"neo: imported {args.source} into {result['path']}; continue training with --set "
-            f"checkpoint.load={result['path']} --set checkpoint.load_weights_only=true"
+            f"neo: imported {args.source} ({result['architecture']}, tokenizer {result['tokenizer_spec']}) into "
+            f"{result['path']}; continue training with --set checkpoint.load={result['path']} --set "
+            "checkpoint.load_weights_only=true"
         )
         return 0
     if args.no_verify:
         print("neo: --no-verify: checkpoint file contents were not checked (sizes only)", file=sys.stderr)
-    result = export_checkpoint(
-        args.source, args.output, torch_dtype(args.dtype), checksums=not args.no_verify
-    )
+    result = export_checkpoint(args.source, args.output, torch_dtype(args.dtype), arch=args.arch,
+                               checksums=not args.no_verify)  # fmt: skip
     tok = "with tokenizer files" if result["tokenizer"] else (
-        f"without tokenizer files ({result['tokenizer_spec']} has no transformers GPT-2 BPE form)")  # fmt: skip
+        f"without tokenizer files ({result['tokenizer_spec']} has no transformers form)")  # fmt: skip
     print(
         f"neo: exported {result['parameters']:,} parameters to {result['path']} {tok}. Load it with "
-        f"GPTNeoXForCausalLM.from_pretrained({result['path']!r})"
+        f"{result['architecture']}.from_pretrained({result['path']!r})"
     )
     return 0
 

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         default="gpt2",
         help=f"{' | '.join(NAMES)} | path to a .tiktoken file | dir with encoder.json + vocab.bpe "
-        "(default: gpt2)",
+        "| hf:DIR with a Hugging Face tokenizer.json (default: gpt2)",
     )
     p.add_argument(
         "--format",

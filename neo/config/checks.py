@@ -45,6 +45,7 @@ def _check_sizes(cfg: Config, b: _Builder) -> bool:
             positive("model.n_layers", m.n_layers),
             positive("model.hidden_size", m.hidden_size),
             positive("model.n_heads", m.n_heads),
+            positive("model.n_kv_heads", m.n_kv_heads),
             positive("model.seq_length", m.seq_length),
             positive("model.ffn_hidden_size", m.ffn_hidden_size),
             positive("model.vocab_size", m.vocab_size),
@@ -56,6 +57,7 @@ def _check_sizes(cfg: Config, b: _Builder) -> bool:
     )
     positive("parallel.activation_checkpoint_interval", par.activation_checkpoint_interval, allow_zero=True)
     positive("model.loss_chunk_size", m.loss_chunk_size, allow_zero=True)
+    positive("model.sliding_window", m.sliding_window)
     return sizes_ok
 
 
@@ -76,6 +78,13 @@ def _check_model(cfg: Config, b: _Builder) -> None:
                 f"{m.rotary_dim} of head_dim {m.head_dim}. Fix: choose rotary_pct so head_dim * rotary_pct "
                 "is even (0.25, 0.5, 1.0 with head_dim a multiple of 8)."
             )
+    if m.n_heads % m.kv_heads:
+        p.append(
+            f"model.n_kv_heads = {m.n_kv_heads} {w('model.n_kv_heads')} does not divide model.n_heads = "
+            f"{m.n_heads} {w('model.n_heads')}: each key/value head serves a whole group of query heads. "
+            f"Fix: choose n_kv_heads among the divisors of n_heads (1 is multi-query, n_heads is multi-head)."
+        )
+    _check_rope_scaling(cfg, b)
     if m.seq_length > m.max_positions:
         p.append(
             f"model.seq_length = {m.seq_length} {w('model.seq_length')} is above "
@@ -88,6 +97,31 @@ def _check_model(cfg: Config, b: _Builder) -> None:
     ):
         if not 0.0 <= value < 1.0:
             p.append(f"{key} = {value} {w(key)} must be in [0, 1)")
+
+
+def _check_rope_scaling(cfg: Config, b: _Builder) -> None:
+    p, m, w = b.problems, cfg.model, b.where
+    sc, key = m.rope_scaling, "model.rope_scaling"
+    if sc.type == "none":
+        return
+    if m.position_embedding != "rotary":
+        p.append(
+            f"{key}.type = {sc.type} {w(key + '.type')} scales rotary frequencies, but "
+            f"model.position_embedding = {m.position_embedding}. Fix: remove {key} or use rotary."
+        )
+    if not sc.factor >= 1.0:
+        p.append(
+            f"{key}.factor = {sc.factor} {w(key + '.factor')} must be >= 1 (how much longer the context is)"
+        )
+    if sc.type == "llama3":
+        if sc.original_max_positions <= 0:
+            p.append(f"{key}.original_max_positions = {sc.original_max_positions} must be > 0")
+        if not 0 < sc.low_freq_factor < sc.high_freq_factor:
+            p.append(
+                f"{key}: low_freq_factor = {sc.low_freq_factor} {w(key + '.low_freq_factor')} and "
+                f"high_freq_factor = {sc.high_freq_factor} {w(key + '.high_freq_factor')} must satisfy "
+                "0 < low_freq_factor < high_freq_factor (Llama 3.1: 1 and 4)"
+            )
 
 
 def _check_parallel(cfg: Config, b: _Builder) -> None:
@@ -105,6 +139,12 @@ def _check_parallel(cfg: Config, b: _Builder) -> None:
                     f"{key} = {value} {w(key)} is not divisible by parallel.tp = {par.tp} {w('parallel.tp')}. "
                     f"Fix: choose a tp that divides {key.split('.')[1]}, or change {key}."
                 )
+        if m.n_kv_heads is not None and m.n_kv_heads % par.tp:
+            p.append(
+                f"model.n_kv_heads = {m.n_kv_heads} {w('model.n_kv_heads')} is not divisible by parallel.tp = "
+                f"{par.tp} {w('parallel.tp')}: neo splits key/value heads across tensor-parallel ranks and does "
+                "not replicate them. Fix: choose a tp that divides n_kv_heads."
+            )
     if par.pp > m.n_layers + 2:
         p.append(
             f"parallel.pp = {par.pp} {w('parallel.pp')} is more stages than layers to place "

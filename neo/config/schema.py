@@ -25,7 +25,9 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    tokenizer: str = "gpt2"  # tiktoken name, a .tiktoken rank file, or a folder with encoder.json + vocab.bpe
+    # tiktoken name, a .tiktoken rank file, a folder with encoder.json + vocab.bpe, or hf:DIR (a Hugging
+    # Face tokenizer.json: Llama 3, Mistral, Qwen, GPT-NeoX-20B/Pythia; read offline)
+    tokenizer: str = "gpt2"
     train_paths: list[str] = field(default_factory=list)  # token file prefixes (path without .bin/.idx)
     train_weights: list[float] | None = None  # blending weights, one per train path
     valid_paths: list[str] = field(default_factory=list)  # separate validation token files (instead of split)

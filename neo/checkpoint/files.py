@@ -81,6 +81,11 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+def file_record(path: str) -> dict:
+    """The manifest record of a file written by other means (a copied tokenizer file): size and sha256."""
+    return {"bytes": os.path.getsize(path), "sha256": file_digest(path)}
+
+
 def _record(value) -> dict:
     """A manifest entry: neo <= 0.1 checkpoints recorded the size alone."""
     return value if isinstance(value, dict) else {"bytes": int(value)}

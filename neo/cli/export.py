@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        from neo.export.hf import export_checkpoint, import_hf
+        from neo.export.hf import export_checkpoint
+        from neo.export.hf_import import import_hf
     except ImportError as e:
         raise UsageError(f"{e}. Fix: pip install -e '.[hf]' (transformers)") from None
     if args.from_hf:

@@ -235,10 +235,3 @@ def args_from_hf_config(config: dict) -> ModelArgs:
             f"one neo represents: neo imports {', '.join(f.arch for f in FAMILIES.values())}"
         )
     return fam.args_from_config(fam.read_config(config))
-
-
-def import_hf(hf_dir: str, out_dir: str, tokenizer: str | None = None, tp: int = 1, pp: int = 1) -> dict:
-    """A transformers folder as a weights-only neo checkpoint; see ``neo.export.hf_import``."""
-    from neo.export.hf_import import import_hf as _import
-
-    return _import(hf_dir, out_dir, tokenizer=tokenizer, tp=tp, pp=pp)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from neo.checkpoint.files import file_record, write_safetensors
 from neo.checkpoint.layout import shard_file
-from neo.checkpoint.manifest import file_sizes
 from neo.errors import CheckpointError, UsageError
 from neo.export.hf import FAMILIES, args_from_hf_config, new_folder, publish
 from neo.model.args import ModelArgs
@@ -75,13 +75,13 @@ def _stage_of(n_layers: int, pp: int) -> list[int]:
     return [i * pp // n_layers for i in range(n_layers)]
 
 
-def write_weights(folder: Path, state: dict[str, torch.Tensor], args: ModelArgs, tp: int, pp: int) -> dict:
-    """``weights/tp{t}-pp{p}.safetensors`` for ``state``; returns the tp_split record of neo.json.
+def write_weights(folder: Path, state: dict[str, torch.Tensor], args: ModelArgs, tp: int, pp: int
+                  ) -> tuple[dict, dict]:  # fmt: skip
+    """``weights/tp{t}-pp{p}.safetensors`` for ``state``; returns the tp_split record of neo.json and the
+    files' manifest records (size, sha256 computed while writing).
 
     The split dimension of each tensor comes from the model code (the plain model built on the meta device).
     """
-    from safetensors.torch import save_file
-
     from neo.model.gpt import GPT
 
     if args.kv_heads % tp or args.n_heads % tp:
@@ -96,6 +96,7 @@ def write_weights(folder: Path, state: dict[str, torch.Tensor], args: ModelArgs,
             )
     stages = _stage_of(args.n_layers + 3, pp)
     (folder / "weights").mkdir()
+    records = {}
     for stage in range(pp):
         names = [n for n in state if stages[int(n.split(".")[1])] == stage]
         for t in range(tp):
@@ -103,8 +104,19 @@ def write_weights(folder: Path, state: dict[str, torch.Tensor], args: ModelArgs,
                 n: (state[n] if splits[n] is None else state[n].chunk(tp, dim=splits[n])[t]).contiguous()
                 for n in names
             }
-            save_file(shard, str(folder / shard_file("weights", t, stage)))
-    return splits
+            rel = shard_file("weights", t, stage)
+            records[rel] = write_safetensors(str(folder / rel), shard)
+    return splits, records
+
+
+def _other_files(folder: Path, written: dict) -> dict:
+    """Manifest records of the files copied into ``folder`` (the tokenizer's), beside the weights."""
+    paths = (p for p in folder.rglob("*") if p.is_file())
+    return {
+        str(p.relative_to(folder)): file_record(str(p))
+        for p in paths
+        if str(p.relative_to(folder)) not in written
+    }
 
 
 def import_hf(hf_dir: str, out_dir: str, tokenizer: str | None = None, tp: int = 1, pp: int = 1) -> dict:
@@ -122,7 +134,7 @@ def import_hf(hf_dir: str, out_dir: str, tokenizer: str | None = None, tp: int =
 
     out, tmp = new_folder(out_dir)
     try:
-        splits = write_weights(tmp, state, args, tp, pp)
+        splits, files = write_weights(tmp, state, args, tp, pp)
         spec, name = _tokenizer(src, tmp, out, tokenizer)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +150,7 @@ def import_hf(hf_dir: str, out_dir: str, tokenizer: str | None = None, tp: int =
         "tp_split": splits,
         "imported_from": os.path.abspath(hf_dir),
         "hf_config": config,
-        "files": file_sizes(str(tmp)),
+        "files": {**files, **_other_files(tmp, files)},
     }
     (tmp / "neo.json").write_text(json.dumps(meta, indent=1))
     publish(tmp, out)

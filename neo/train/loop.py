@@ -127,7 +127,7 @@ class Trainer:
             return resolve(source)
         target = os.path.join(self.cfg.logging.dir, "init_from")
         if self.env.rank == 0 and not os.path.isfile(os.path.join(target, "neo.json")):
-            from neo.export.hf import import_hf
+            from neo.export.hf_import import import_hf
 
             import_hf(source, target, tokenizer=self.cfg.data.tokenizer)
             log(f"neo: converted the Hugging Face model {source} into {target}")

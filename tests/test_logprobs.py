@@ -52,7 +52,7 @@ def test_weighted_loss_and_token_logprobs_equal_the_formulas(chunk):
     assert abs(loss.item() - ref_loss.item()) < 1e-12
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(grads, ref_loss_grads))
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    logp, entropy = token_logprobs(h, w, target, None, chunk)
+    logp, entropy = token_logprobs(h, w, target, None, chunk, entropy=True)
     grads = torch.autograd.grad((logp * coef).sum() + logp.exp().sum(), (h, w))
     assert (logp - ref_logp).abs().max() < 1e-12 and (entropy - ref_entropy).abs().max() < 1e-12
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(grads, ref_logp_grads))
@@ -85,7 +85,7 @@ def _tp2(rank: int, world: int) -> dict:
     out["loss_grads"] = max((gh - ref_loss_grads[0]).abs().max().item(),
                             (gw - ref_loss_grads[1][rank * rows : (rank + 1) * rows]).abs().max().item())  # fmt: skip
     h, w = hidden.clone().requires_grad_(), local.clone().requires_grad_()
-    logp, entropy = token_logprobs(copy_to_region(h, group), w, target, group, 7)
+    logp, entropy = token_logprobs(copy_to_region(h, group), w, target, group, 7, entropy=True)
     gh, gw = torch.autograd.grad((logp * coef).sum() + logp.exp().sum(), (h, w))
     out["logp"] = max((logp - ref_logp).abs().max().item(), (entropy - ref_entropy).abs().max().item())
     out["logp_grads"] = max((gh - ref_logp_grads[0]).abs().max().item(),

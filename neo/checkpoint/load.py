@@ -90,6 +90,8 @@ def copy_weights_into(module: torch.nn.Module, path: str, topo) -> None:
     weights, masters = ShardedTensors(path, meta, "weights"), optimizer_state.masters(path, meta)
     for name, p in module.named_parameters():
         key = canonical_name(name)
+        if not weights.has(key) and getattr(p, "neo_fresh", False):
+            continue  # a head this model adds (a reward model's score, a critic's value): its initialisation
         if not weights.has(key):
             raise CheckpointError(f"checkpoint {path} has no weight {key}; it does not match this model.")
         use_master = masters is not None and masters.has(key, optimizer_state.MASTER)

@@ -96,7 +96,7 @@ def _shape(model: dict) -> dict:
 
     a = ModelArgs(**model)
     keys = ("n_layers", "hidden_size", "n_heads", "ffn_size", "vocab_size", "position_embedding", "rotary_dim",
-            "parallel_residual", "norm", "activation", "tie_embeddings", "bias")  # fmt: skip
+            "parallel_residual", "norm", "activation", "tie_embeddings", "bias", "head", "value_head")  # fmt: skip
     shape = {k: getattr(a, k) for k in keys}
     shape.update(n_kv_heads=a.kv_heads, qkv_bias=a.use_qkv_bias)  # resolved: None means "as n_heads / bias"
     if a.position_embedding == "learned":
@@ -104,10 +104,15 @@ def _shape(model: dict) -> dict:
     return shape
 
 
-def check_compatible(meta: dict, model: dict, path: str) -> None:
-    """Refuse a checkpoint of another model shape."""
+HEADS = ("head", "value_head")  # a fine-tune may change the heads: new ones start from their initialisation
+
+
+def check_compatible(meta: dict, model: dict, path: str, heads_may_differ: bool = False) -> None:
+    """Refuse a checkpoint of another model shape (the output heads may differ when only its weights seed a
+    fine-tune, e.g. a reward model started from a language model)."""
     saved, now = _shape(meta.get("model", {})), _shape(model)
-    diffs = [f"model.{k}: saved {saved[k]!r}, now {now[k]!r}" for k in saved if saved[k] != now.get(k)]
+    keys = [k for k in saved if not (heads_may_differ and k in HEADS)]
+    diffs = [f"model.{k}: saved {saved[k]!r}, now {now[k]!r}" for k in keys if saved[k] != now.get(k)]
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} holds a different model shape: {'; '.join(diffs)}. "

@@ -16,6 +16,7 @@ def _check(cfg: Config, b: _Builder) -> None:
         _check_model(cfg, b)
         _check_parallel(cfg, b)
         _check_zero_and_precision(cfg, b)
+    _check_objective(cfg, b)
     _check_passthrough(cfg, b)
     _check_training(cfg, b)
     _resolve_batch(cfg, b)
@@ -162,6 +163,22 @@ def _check_parallel(cfg: Config, b: _Builder) -> None:
             f"{par.tp} x {par.pp} = {par.tp * par.pp}. Fix: launch a multiple of {par.tp * par.pp} processes "
             "or change tp/pp."
         )
+
+
+def _check_objective(cfg: Config, b: _Builder) -> None:
+    p, o, w = b.problems, cfg.objective, b.where
+    if o.type == "dpo" and cfg.parallel.pp > 1:
+        p.append(f"objective.type = dpo {w('objective.type')} cannot run with parallel.pp = {cfg.parallel.pp} "
+                 f"{w('parallel.pp')}: the reference model's log-probabilities are computed in the same step, "
+                 "outside the pipeline. Fix: use tensor parallelism (parallel.tp) and ZeRO instead of pp.")  # fmt: skip
+    if o.beta <= 0:
+        p.append(f"objective.beta = {o.beta} {w('objective.beta')} must be > 0")
+    if not 0.0 <= o.label_smoothing < 0.5:
+        p.append(
+            f"objective.label_smoothing = {o.label_smoothing} {w('objective.label_smoothing')} must be in [0, 0.5)"
+        )
+    if o.centering < 0:
+        p.append(f"objective.centering = {o.centering} {w('objective.centering')} must be >= 0")
 
 
 def _check_zero_and_precision(cfg: Config, b: _Builder) -> None:

@@ -143,8 +143,14 @@ class EvalConfig:
 class ObjectiveConfig:
     """What the run optimizes; every objective runs in the same loop (neo/objectives/)."""
 
-    # pretrain: next-token prediction on token files; sft: the answer tokens of chat data (loss-masked)
-    type: Literal["pretrain", "sft"] = "pretrain"
+    # pretrain: next-token prediction on token files; sft: the answer tokens of chat data (loss-masked);
+    # reward: a reward model on ranked answers; dpo: direct preference optimization
+    type: Literal["pretrain", "sft", "reward", "dpo"] = "pretrain"
+    margin: float = 0.0  # reward: -log sigmoid(r_chosen - r_rejected - margin)
+    centering: float = 0.0  # reward: + centering x (r_chosen + r_rejected)^2, keeping rewards near zero
+    beta: float = 0.1  # dpo: strength of the implicit KL constraint to the reference (the policy's start)
+    dpo_variant: Literal["sigmoid", "ipo"] = "sigmoid"  # dpo: the DPO loss, or IPO's squared loss
+    label_smoothing: float = 0.0  # dpo (sigmoid): the share of labels assumed flipped (conservative DPO)
 
 
 @dataclass

@@ -70,6 +70,9 @@ class ModelArgs:
     norm_eps: float = 1e-5  # epsilon of every norm
     activation: Literal["gelu", "swiglu"] = "gelu"  # MLP activation (gelu is exact erf GeLU)
     tie_embeddings: bool = False  # share the input embedding with the output head
+    # "lm": the language-model head; "score": one scalar per position instead (reward models)
+    head: Literal["lm", "score"] = "lm"
+    value_head: bool = False  # a scalar value head beside the LM head, on the same trunk (PPO's critic)
     bias: bool = True  # biases in every linear layer (attention and MLP); false: none (Llama, Mistral, Qwen2)
     qkv_bias: bool | None = None  # bias of the query/key/value projection alone; None: as bias (Qwen2: true)
     # "small_init": N(0, sqrt(2/(5h))) and wang_init 2/(L sqrt(h)) for the two output projections

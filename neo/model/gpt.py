@@ -17,35 +17,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neo.model.args import ModelArgs
+from neo.model.heads import Head, HeadOps, PipelineHead, PipelineScoreHead, ScoreHead, mean_loss
 from neo.model.layers import Block, Context, LearnedPositions, init_stds, make_norm, sinusoidal_table
-from neo.parallel.cross_entropy import fused_head_cross_entropy, token_logprobs, vocab_parallel_cross_entropy
-from neo.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
-from neo.parallel.mappings import copy_to_region
-
-
-class HeadOps:
-    """What an output head offers an objective's loss (``Head``, and the ``Embedding`` as a tied head): the
-    head's weight [vocab / tp, h], the fused head + cross-entropy, and per-token log-probabilities. Each
-    runs over chunks of ``model.loss_chunk_size`` tokens, so no [tokens, vocab] logits are held."""
-
-    tp_group = None
-    loss_chunk_size = 1024
-    head_weight: torch.Tensor
-
-    def head_loss(
-        self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Mean next-token cross-entropy, or with ``weights`` [..] the weighted sum of per-token losses."""
-        x, w, chunk = copy_to_region(hidden, self.tp_group), self.head_weight, self.loss_chunk_size
-        if chunk == 0:  # unfused: all logits, then the loss
-            losses = vocab_parallel_cross_entropy(torch.nn.functional.linear(x, w), labels, self.tp_group)
-            return losses.mean() if weights is None else (losses * weights).sum()
-        return fused_head_cross_entropy(x, w, labels, self.tp_group, chunk, token_weights=weights)
-
-    def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p(label), entropy) per token; the log-probabilities carry gradients (DPO, PPO, GRPO)."""
-        x = copy_to_region(hidden, self.tp_group)
-        return token_logprobs(x, self.head_weight, labels, self.tp_group, self.loss_chunk_size)
+from neo.parallel.cross_entropy import vocab_parallel_cross_entropy
+from neo.parallel.layers import VocabParallelEmbedding
 
 
 class Embedding(HeadOps, nn.Module):
@@ -107,46 +82,6 @@ class FinalNorm(nn.Module):
         return self.final_layer_norm(x)
 
 
-class Head(HeadOps, nn.Module):
-    """Untied output projection, column-parallel over the vocabulary (logits stay split).
-
-    Called with ``labels`` it returns the loss instead of the logits (``HeadOps``); the loss is
-    computed inside this module's call so that ZeRO-3 has gathered the weight.
-    """
-
-    def __init__(self, args: ModelArgs, tp_group=None):
-        super().__init__()
-        self.embed_out = ColumnParallelLinear(
-            args.hidden_size, args.vocab_size, bias=False, init_std=init_stds(args)[0], tp_group=tp_group
-        )
-        self.tp_group, self.loss_chunk_size = tp_group, args.loss_chunk_size
-
-    def forward(self, x: torch.Tensor, ctx: Context | None = None, labels=None, loss_fn=None) -> torch.Tensor:
-        if labels is None:
-            return self.embed_out(x)
-        return (loss_fn or mean_loss)(self, x, labels)
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.embed_out.weight
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        self.embed_out.reset_parameters(generator)
-
-
-class PipelineHead(Head):
-    """The untied head as the pipeline form's last layer: it passes the hidden states on, and the
-    pipeline's loss (``PipelineLoss``) applies its weight fused with the loss."""
-
-    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
-        return x
-
-
-def mean_loss(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The default loss: mean next-token cross-entropy of ``head`` (pretraining's)."""
-    return head.head_loss(hidden, labels)
-
-
 def _tied_head(embedding: Embedding, x: torch.Tensor, labels=None, loss_fn=None) -> torch.Tensor:
     if labels is None:
         return embedding.logits(x)
@@ -194,11 +129,12 @@ def layer_specs(args: ModelArgs, tp_group=None) -> list[Spec]:
         Embedding, dict(args=args, tp_group=tp_group), tie_key="embed" if args.tie_embeddings else None
     )
     blocks = [Spec(Block, dict(args=args, layer_number=i, tp_group=tp_group)) for i in range(args.n_layers)]
-    head = (
-        Spec(Embedding, dict(args=args, tp_group=tp_group), tie_key="embed", forward_fn=_tied_head)
-        if args.tie_embeddings
-        else Spec(Head, dict(args=args, tp_group=tp_group))
-    )
+    if args.head == "score":
+        head = Spec(ScoreHead, dict(args=args, tp_group=tp_group))
+    elif args.tie_embeddings:
+        head = Spec(Embedding, dict(args=args, tp_group=tp_group), tie_key="embed", forward_fn=_tied_head)
+    else:
+        head = Spec(Head, dict(args=args, tp_group=tp_group))
     return [emb, *blocks, Spec(FinalNorm, dict(args=args)), head]
 
 
@@ -392,7 +328,10 @@ def pipeline_module(
     from neo import ds_compat
 
     *body, head = layer_specs(args, topo.tensor_group)
-    head = replace(head, forward_fn=_pass_hidden) if head.tie_key else replace(head, cls=PipelineHead)
+    if head.tie_key:
+        head = replace(head, forward_fn=_pass_hidden)
+    else:
+        head = replace(head, cls={Head: PipelineHead, ScoreHead: PipelineScoreHead}[head.cls])
     specs = []
     for spec in (*body, head):
         spec = replace(spec, cls=_PIPELINE_FORM.get(spec.cls, spec.cls))

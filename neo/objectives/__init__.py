@@ -6,10 +6,12 @@ pretrain.py   next-token prediction on packed token files (the default)
 from __future__ import annotations
 
 from neo.objectives.base import MicroBatch, Objective
+from neo.objectives.dpo import DPO
 from neo.objectives.pretrain import Pretrain
+from neo.objectives.reward import Reward
 from neo.objectives.sft import SFT
 
-OBJECTIVES: dict[str, type[Objective]] = {"pretrain": Pretrain, "sft": SFT}
+OBJECTIVES: dict[str, type[Objective]] = {"pretrain": Pretrain, "sft": SFT, "reward": Reward, "dpo": DPO}
 
 
 def build_objective(cfg) -> Objective:

@@ -52,6 +52,8 @@ class Objective:
 
     name = "base"
     metric_sums: tuple[str, ...] = ()  # the names ``record`` accepts; the loop reduces them in this order
+    model_overrides: dict = {}  # model options this objective needs (a reward model's score head)
+    needs_reference = False  # True: the trainer sets ``reference(inputs, loss_fn)``, a frozen model's forward
 
     def __init__(self, cfg=None):
         self.cfg = cfg  # the run's Config (None in unit tests that need no settings)

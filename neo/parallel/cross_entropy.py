@@ -174,13 +174,16 @@ def fused_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target:
     return _chunked_loss(hidden, weight, target, group, chunk, token_weights)
 
 
-def _logprobs_and_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group):
-    """log p(target) [n], entropy [n] (-sum p log p, summed over the TP group) and the softmax of one chunk."""
+def _logprobs_and_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, entropy: bool):
+    """log p(target) [n], entropy [n] (-sum p log p over the TP group; None unless asked: a log over every
+    logit costs more than the rest) and the softmax of one chunk."""
     nll, softmax, local_target, outside = _softmax_and_loss(_at_least_fp32(x @ weight.t()), target, group)
-    entropy = -torch.special.xlogy(softmax, softmax).sum(-1)
-    if group_size(group) > 1:
-        dist.all_reduce(entropy, group=group)
-    return -nll, entropy, (softmax, local_target, outside)
+    ent = None
+    if entropy:
+        ent = -torch.special.xlogy(softmax, softmax).sum(-1)
+        if group_size(group) > 1:
+            dist.all_reduce(ent, group=group)
+    return -nll, ent, (softmax, local_target, outside)
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -189,17 +192,20 @@ class _TokenLogProbs(torch.autograd.Function):
     PPO's) can be differentiated through it (one more head matmul than the fused loss)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group, chunk: int,
+                entropy: bool):  # fmt: skip
         n = hidden.shape[0]
         out = hidden.new_empty(n, dtype=torch.promote_types(hidden.dtype, torch.float32))
-        entropy = torch.empty_like(out)
+        ent = torch.zeros_like(out)
         for start in range(0, n, chunk):
             sl = slice(start, min(start + chunk, n))
-            out[sl], entropy[sl], _ = _logprobs_and_entropy(hidden[sl], weight, target[sl], group)
+            out[sl], e, _ = _logprobs_and_entropy(hidden[sl], weight, target[sl], group, entropy)
+            if e is not None:
+                ent[sl] = e
         ctx.save_for_backward(hidden, weight, target)
         ctx.group, ctx.chunk = group, chunk
-        ctx.mark_non_differentiable(entropy)
-        return out, entropy
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
@@ -208,9 +214,8 @@ class _TokenLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         for start in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(start, min(start + ctx.chunk, hidden.shape[0]))
-            _, _, (softmax, local_target, outside) = _logprobs_and_entropy(
-                hidden[sl], weight, target[sl], ctx.group
-            )
+            _, _, (softmax, local_target, outside) = _logprobs_and_entropy(hidden[sl], weight, target[sl], ctx.group,
+                                                                           False)  # fmt: skip
             # d log p / d logits = one_hot - softmax
             grad_logits = _subtract_target_(softmax, local_target, outside).mul_(
                 -_at_least_fp32(grad_logp[sl]).unsqueeze(-1)
@@ -219,15 +224,15 @@ class _TokenLogProbs(torch.autograd.Function):
             grad_hidden[sl] = grad_logits @ weight  # a partial sum when tp > 1
             grad_weight += grad_logits.t().to(grad_weight.dtype) @ hidden[sl].to(grad_weight.dtype)
         need_w = ctx.needs_input_grad[1]
-        return grad_hidden, (grad_weight.to(weight.dtype) if need_w else None), None, None, None
+        return grad_hidden, (grad_weight.to(weight.dtype) if need_w else None), None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, group=None,
-                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   chunk: int = 1024, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(log p(target), entropy) per token, shaped like ``target``, from the output head ``weight`` [vocab / tp, h]
-    on ``hidden`` [.., h] (fp32 arithmetic). The log-probabilities carry gradients; the entropy does not.
-    Under TP ``hidden`` must come through ``copy_to_region``."""
+    on ``hidden`` [.., h] (fp32 arithmetic). The log-probabilities carry gradients; the entropy does not, and
+    is zeros unless ``entropy``. Under TP ``hidden`` must come through ``copy_to_region``."""
     shape = target.shape
-    logp, entropy = _TokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), group,
-                                         chunk or 1 << 30)  # fmt: skip
-    return logp.view(shape), entropy.view(shape)
+    logp, ent = _TokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), group,
+                                     chunk or 1 << 30, entropy)  # fmt: skip
+    return logp.view(shape), ent.view(shape)

@@ -72,6 +72,24 @@ def build_model(args: ModelArgs, cfg: Config, topo: Topology) -> torch.nn.Module
                checkpoint_interval=cfg.parallel.activation_checkpoint_interval)  # fmt: skip
 
 
+def frozen_reference(model: torch.nn.Module, cfg: Config):
+    """DPO's reference: a frozen copy of the policy as it starts (after its weights were loaded), in the
+    training dtype, as ``forward(inputs, loss_fn) -> loss_fn(head, hidden, ())``. Plain form only (the config
+    refuses DPO with a pipeline)."""
+    import copy
+
+    from neo.model.gpt import set_loss
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype, torch.float32)
+    reference = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+
+    def forward(inputs, loss_fn):
+        set_loss(reference, loss_fn)
+        return reference(inputs, labels=())
+
+    return forward
+
+
 def tied_copies(model: torch.nn.Module, topo: Topology) -> set[int]:
     """Ids of parameters that duplicate another stage's (a tied embedding on the last pipeline stage): the
     global gradient norm counts them once."""

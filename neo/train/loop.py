@@ -82,11 +82,15 @@ class Trainer:
             cfg, tokenizer, self._num_samples())  # fmt: skip
         self.load = self._plan_load()
         saved = self.load.meta["model"] if self.load else None
-        self.args = build.model_args(cfg, tokenizer, saved)
+        self.args = dataclasses.replace(
+            build.model_args(cfg, tokenizer, saved), **self.objective.model_overrides
+        )
         model = model if model is not None else build.build_model(self.args, cfg, self.topo)
         set_loss(model, self.objective.loss)
         if self.load:
             self._load_weights(model)
+        if self.objective.needs_reference:
+            self.objective.reference = build.frozen_reference(model, cfg)
         self._neo_optimizer = build.build_optimizer(model, cfg, self.topo, self.device)
         self.engine, self.optimizer, self.scheduler = build.build_engine(
             model, self._neo_optimizer, cfg, self.topo, self.device
@@ -161,7 +165,8 @@ class Trainer:
 
     def _load_weights(self, model: torch.nn.Module) -> None:
         """Weights go in before DeepSpeed builds its fp32 masters and partitions from the module."""
-        check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path)
+        check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path,
+                         heads_may_differ=self.load.mode == "weights")  # fmt: skip
         ckpt_load.copy_weights_into(model, self.load.path, self.topo)
 
     def _finish_load(self) -> None:

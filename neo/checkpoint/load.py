@@ -81,17 +81,19 @@ def plan_load(path: str, layout: dict, weights_only: bool, checksums: bool = Tru
     return LoadPlan(path, mode, meta, saved, verified)
 
 
-def copy_weights_into(module: torch.nn.Module, path: str, topo) -> None:
+def copy_weights_into(module: torch.nn.Module, path: str, topo, only_present: bool = False) -> None:
     """Fill ``module`` (plain or pipeline form, any tp) with its slice of the checkpoint's full weights.
 
     Where the checkpoint kept fp32 master weights apart from bf16 module weights, those are the source.
+    Parameters the checkpoint lacks are refused, unless the model adds them (``neo_fresh``: a new head,
+    LoRA adapters) or ``only_present`` (a LoRA checkpoint holds its adapters alone).
     """
     meta = read_meta(path)
     weights, masters = ShardedTensors(path, meta, "weights"), optimizer_state.masters(path, meta)
     for name, p in module.named_parameters():
         key = canonical_name(name)
-        if not weights.has(key) and getattr(p, "neo_fresh", False):
-            continue  # a head this model adds (a reward model's score, a critic's value): its initialisation
+        if not weights.has(key) and (only_present or getattr(p, "neo_fresh", False)):
+            continue
         if not weights.has(key):
             raise CheckpointError(f"checkpoint {path} has no weight {key}; it does not match this model.")
         use_master = masters is not None and masters.has(key, optimizer_state.MASTER)

@@ -40,16 +40,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _save_weights(module: torch.nn.Module, folder: str, topo, zero_stage: int) -> tuple[dict, dict]:
-    """Write this (tensor, pipeline) rank's weights once per data-parallel group.
+def _save_weights(module: torch.nn.Module, folder: str, topo, zero_stage: int, trainable_only: bool = False
+                  ) -> tuple[dict, dict]:  # fmt: skip
+    """Write this (tensor, pipeline) rank's weights once per data-parallel group (``trainable_only``: the
+    parameters that train, a LoRA run's adapters, whose base stays in its own checkpoint).
 
-    Returns (split dimension of every parameter, manifest records of the files written)."""
+    Returns (split dimension of every parameter written, manifest records of the files written)."""
     gather = contextlib.nullcontext()
     if zero_stage == 3:
         from neo import ds_compat
 
         gather = ds_compat.gathered_parameters(list(module.parameters()))
-    splits = {canonical_name(n): getattr(p, "tp_split_dim", None) for n, p in module.named_parameters()}
+    splits = {canonical_name(n): getattr(p, "tp_split_dim", None) for n, p in module.named_parameters()
+              if p.requires_grad or not trainable_only}  # fmt: skip
     records = {}
     with gather:
         if topo.coord.data == 0:
@@ -76,9 +79,8 @@ def _gather(part: dict) -> dict:
     return {k: v for p in gathered for k, v in p.items()}
 
 
-def save(
-    engine, root: str, iteration: int, meta: dict, keep_last_n: int | None, topo, zero_stage: int = 0
-) -> str:
+def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None, topo, zero_stage: int = 0,
+         trainable_only: bool = False) -> str:  # fmt: skip
     """Save a checkpoint of ``engine`` at ``iteration`` and publish it atomically (all ranks call).
 
     ``meta`` is what the run records beside the tensors (config, model shape, layout, data position, the LR
@@ -89,7 +91,7 @@ def save(
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
     _barrier()
-    splits, files = _save_weights(engine.module, tmp_dir, topo, zero_stage)
+    splits, files = _save_weights(engine.module, tmp_dir, topo, zero_stage, trainable_only)
     optim, optim_files = optimizer_state.save(engine, tmp_dir, topo)
     files = _gather({**files, **optim_files, **_save_rng(tmp_dir)})
     splits = _gather(splits)

@@ -82,12 +82,20 @@ def local_slice(full: torch.Tensor, p: torch.nn.Parameter, topo, name: str, shap
 
 def load_full_weights(path: str, *, checksums: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """The unsplit model weights of checkpoint ``path`` (TP shards concatenated, PP stages joined), after
-    verifying its files (sizes, and contents unless ``checksums`` is False)."""
+    verifying its files (sizes, and contents unless ``checksums`` is False). A LoRA checkpoint's adapters come
+    back merged into its base's weights."""
     path = resolve(path)
     meta = read_meta(path)
     verify(path, meta, checksums=checksums)
     weights = ShardedTensors(path, meta, "weights")
-    return {name: weights.get(name) for name in weights.names()}, meta
+    state = {name: weights.get(name) for name in weights.names()}
+    if (meta.get("lora") or {}).get("base"):  # adapters alone: folded into their base's weights
+        from neo.checkpoint.lora import lora_base
+        from neo.model.lora import merge
+
+        base_state, _ = load_full_weights(lora_base(meta, path, checksums), checksums=checksums)
+        state = merge(base_state, state, meta["lora"]["spec"])
+    return state, meta
 
 
 def _shape(model: dict) -> dict:

@@ -17,6 +17,7 @@ def _check(cfg: Config, b: _Builder) -> None:
         _check_parallel(cfg, b)
         _check_zero_and_precision(cfg, b)
     _check_objective(cfg, b)
+    _check_lora(cfg, b)
     _check_passthrough(cfg, b)
     _check_training(cfg, b)
     _resolve_batch(cfg, b)
@@ -163,6 +164,21 @@ def _check_parallel(cfg: Config, b: _Builder) -> None:
             f"{par.tp} x {par.pp} = {par.tp * par.pp}. Fix: launch a multiple of {par.tp * par.pp} processes "
             "or change tp/pp."
         )
+
+
+def _check_lora(cfg: Config, b: _Builder) -> None:
+    from neo.model.lora import TARGETS
+
+    p, lo, w = b.problems, cfg.lora, b.where
+    if lo.rank < 0 or any(not isinstance(v, int) or v <= 0 for v in lo.rank_pattern.values()):
+        p.append(
+            f"lora.rank = {lo.rank} {w('lora.rank')} must be >= 0 (0: off), and lora.rank_pattern's ranks > 0"
+        )
+    unknown = [t for t in [*lo.targets, *lo.rank_pattern] if t not in TARGETS]
+    if unknown:
+        p.append(f"lora targets {unknown} {w('lora.targets')} are not among {', '.join(TARGETS)}")
+    if lo.rank and (lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0 or not lo.targets):
+        p.append(f"lora: alpha must be > 0, dropout in [0, 1) and targets not empty {w('lora')}")
 
 
 def _check_objective(cfg: Config, b: _Builder) -> None:

@@ -117,6 +117,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA): the base model frozen, a trainable B A beside each target linear."""
+
+    rank: int = 0  # adapter rank r; 0: no LoRA (every parameter trains)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
+    # linears of every block that get adapters: qkv, attn_out, mlp_in (up and gate), mlp_out
+    targets: list[str] = field(default_factory=lambda: ["qkv", "attn_out", "mlp_in", "mlp_out"])
+    rank_pattern: dict[str, Any] = field(default_factory=dict)  # a rank per target, e.g. {qkv: 16}
+
+
+@dataclass
 class FinetuneConfig:
     # start from these weights: a neo checkpoint (a folder, or a checkpoint dir: its newest) or a local
     # Hugging Face GPTNeoX folder (converted on load), with a fresh optimizer and schedule at iteration 0.
@@ -166,6 +178,7 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra keys passed to DeepSpeed as they are

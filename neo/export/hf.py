@@ -9,6 +9,7 @@ The parity tests use the state-dict mapping as their oracle; ``export_checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -178,6 +179,23 @@ def _passive(meta: dict, tokenizer, fam: Family, args: ModelArgs) -> dict[str, A
     return {"bos_token_id": tokenizer.eod_id if bos is None else bos, "eos_token_id": tokenizer.eod_id}
 
 
+def hf_weights(fam: Family, state: dict[str, torch.Tensor], args: ModelArgs, tokenizer
+               ) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:  # fmt: skip
+    """(transformers weights, architecture, extra config) of a full neo state dict. A reward model (score
+    head) becomes ``<Family>ForSequenceClassification`` with one label, its head ``score.weight``; a value
+    head (PPO's critic) is left out: the export is the policy."""
+    head = f"layers.{args.n_layers + 2}."
+    heads = {k: state[k] for k in state if k.startswith(head) and ("score_head" in k or "value_head" in k)}
+    body = {k: v for k, v in state.items() if k not in heads}
+    if args.head != "score":
+        return fam.to_hf(body, dataclasses.replace(args, value_head=False)), fam.arch, {}
+    hf = fam.to_hf(body, dataclasses.replace(args, head="lm", tie_embeddings=True))  # no LM head weight
+    hf["score.weight"] = heads[f"{head}score_head.weight"]
+    pad = tokenizer.eod_id if tokenizer is not None else None
+    arch = fam.arch.replace("ForCausalLM", "ForSequenceClassification")
+    return hf, arch, {"num_labels": 1, "pad_token_id": pad}
+
+
 def export_checkpoint(
     checkpoint: str,
     out_dir: str,
@@ -201,9 +219,13 @@ def export_checkpoint(
         tokenizer = load_tokenizer(spec) if spec else None
     except TokenizerError:
         tokenizer = None
-    hf_state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in fam.to_hf(state, args).items()}
+    hf_state, hf_arch, extra = hf_weights(fam, state, args, tokenizer)
+    hf_state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in hf_state.items()}
     weights_dtype = next(iter(hf_state.values())).dtype
-    config = fam.hf_config(args, architectures=[fam.arch], **_passive(meta, tokenizer, fam, args))
+    lm_args = dataclasses.replace(args, head="lm", value_head=False)
+    config = fam.hf_config(
+        lm_args, architectures=[hf_arch], **{**_passive(meta, tokenizer, fam, args), **extra}
+    )
     config.dtype = weights_dtype
 
     out, tmp = new_folder(out_dir)
@@ -213,12 +235,12 @@ def export_checkpoint(
         bool(spec) and tokenizer is not None and _write_tokenizer(tmp, spec, tokenizer, args.max_positions)
     )
     source = {"source": os.path.abspath(checkpoint), "iteration": meta.get("iteration"), "tokenizer": spec,
-              "neo_version": meta.get("neo_version"), "architecture": fam.arch}  # fmt: skip
+              "neo_version": meta.get("neo_version"), "architecture": hf_arch}  # fmt: skip
     (tmp / "neo_export.json").write_text(json.dumps(source, indent=1))
     publish(tmp, out)
     return {
         "path": str(out),
-        "architecture": fam.arch,
+        "architecture": hf_arch,
         "parameters": sum(v.numel() for v in hf_state.values()),
         "tokenizer": has_tokenizer,
         "tokenizer_spec": spec,

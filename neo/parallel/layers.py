@@ -9,12 +9,17 @@ Sharded parameters carry ``tp_split_dim`` (the dimension they are split along) a
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neo.parallel import random as tp_random
 from neo.parallel.mappings import (
     copy_to_region,
+    first_rank_only,
     gather_from_region,
     group_rank,
     group_size,
@@ -50,7 +55,49 @@ def _divide(n: int, parts: int, what: str) -> int:
     return n // parts
 
 
-class ColumnParallelLinear(nn.Module):
+class LoRALinear(nn.Module):
+    """A low-rank update beside a frozen weight (Hu et al. 2021): y += (alpha / r) B A dropout(x), with A [r, in]
+    drawn like PEFT (uniform within 1/sqrt(in)) and B [out, r] zero, so training starts from the base model.
+
+    Under tensor parallelism A and B follow the weight they adapt. A column-parallel weight (rows split): A is
+    replicated and B split by rows; A's output is copied into the region (its gradient summed over the group),
+    so A receives the same gradient on every rank. A row-parallel weight (columns split): A is split by
+    columns and B replicated; A's partial outputs are all-reduced, and B's output is added after the layer's
+    own reduction (or once, on the first rank, to a partial sum the block reduces). Both are exact: the
+    tp = N adapters are slices of the tp = 1 ones, and so are their gradients.
+    """
+
+    def add_lora(self, rank: int, alpha: float, dropout: float, generator: torch.Generator) -> None:
+        """Attach adapters of ``rank`` (initialised from ``generator``, the same draw on every TP rank)."""
+        out_full, in_full = self._full_shape()
+        row = isinstance(self, RowParallelLinear)
+        bound = 1.0 / math.sqrt(in_full)
+        a_full = torch.empty(rank, in_full).uniform_(-bound, bound, generator=generator)
+        a = a_full.chunk(group_size(self.tp_group), dim=1)[group_rank(self.tp_group)] if row else a_full
+        b_rows = out_full if row else out_full // group_size(self.tp_group)
+        self.lora_A = _shard(nn.Parameter(a.to(self.weight.dtype).contiguous()), 1 if row else None)
+        self.lora_B = _shard(
+            nn.Parameter(torch.zeros(b_rows, rank, dtype=self.weight.dtype)), None if row else 0
+        )
+        for p in (self.lora_A, self.lora_B):
+            p.neo_fresh, p.neo_lora = True, True
+        self.lora_scale, self.lora_dropout, self.lora_enabled = alpha / rank, dropout, True
+
+    def _full_shape(self) -> tuple[int, int]:
+        tp, (rows, cols) = group_size(self.tp_group), self.weight.shape
+        return (rows * tp, cols) if isinstance(self, ColumnParallelLinear) else (rows, cols * tp)
+
+    def _lora_input(self, x: torch.Tensor, split: bool) -> torch.Tensor:
+        if not (self.training and self.lora_dropout):
+            return x
+        with tp_random.fork() if split else contextlib.nullcontext():  # split activations: per-rank masks
+            return F.dropout(x, self.lora_dropout, training=True)
+
+    def lora_active(self) -> bool:
+        return "lora_A" in self._parameters and self.lora_enabled
+
+
+class ColumnParallelLinear(LoRALinear):
     """y = x A^T + b with A split by rows (output features) across the TP group.
 
     The output stays split (each rank holds its features) unless ``gather_output``.
@@ -79,10 +126,13 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to_region(x, self.tp_group), self.weight, self.bias)
+        if self.lora_active():
+            h = copy_to_region(F.linear(self._lora_input(x, False), self.lora_A), self.tp_group)
+            y = y + self.lora_scale * F.linear(h, self.lora_B)
         return gather_from_region(y, self.tp_group) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LoRALinear):
     """y = x A^T + b with A split by columns (input features); the input arrives already split.
 
     With ``reduce_output=False`` the caller receives this rank's partial sum *without* the bias and
@@ -113,9 +163,16 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
+        delta = None
+        if self.lora_active():
+            h = reduce_from_region(
+                F.linear(self._lora_input(x, group_size(self.tp_group) > 1), self.lora_A), self.tp_group
+            )
+            delta = self.lora_scale * F.linear(h, self.lora_B)
         if not self.reduce_output:
-            return y
+            return y if delta is None else y + first_rank_only(delta, self.tp_group)
         y = reduce_from_region(y, self.tp_group)
+        y = y if delta is None else y + delta
         return y if self.bias is None else y + self.bias
 
 

@@ -84,6 +84,23 @@ class _GatherFromRegion(torch.autograd.Function):
         return _split_last(grad, ctx.group), None
 
 
+class _FirstRankOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return x if group_rank(group) == 0 else torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def first_rank_only(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` on the group's first rank and zeros elsewhere forward, identity backward: a term every rank
+    computes alike (from replicated values) added once to partial sums that the group then reduces. Every
+    rank receives the (replicated) gradient, so replicated weights behind it stay equal."""
+    return x if group_size(group) == 1 else _FirstRankOnly.apply(x, group)
+
+
 def copy_to_region(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward, all-reduce backward: the input of a column-parallel layer."""
     return x if group_size(group) == 1 else _CopyToRegion.apply(x, group)

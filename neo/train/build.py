@@ -64,22 +64,49 @@ def _saved_shape(cfg: Config, saved_model: dict) -> ModelArgs:
 
 
 def build_model(args: ModelArgs, cfg: Config, topo: Topology) -> torch.nn.Module:
-    """The plain model (pp = 1) or the DeepSpeed pipeline form (pp > 1) of the same layer list."""
+    """The plain model (pp = 1) or the DeepSpeed pipeline form (pp > 1) of the same layer list, with LoRA
+    adapters (and everything else frozen) when ``lora.rank`` > 0."""
     if cfg.parallel.pp > 1:
-        return pipeline_module(args, topo, seed=cfg.seed, partition_method=cfg.parallel.partition_method,
-                               checkpoint_interval=cfg.parallel.activation_checkpoint_interval)  # fmt: skip
-    return GPT(args, tp_group=topo.tensor_group, seed=cfg.seed,
-               checkpoint_interval=cfg.parallel.activation_checkpoint_interval)  # fmt: skip
+        model = pipeline_module(args, topo, seed=cfg.seed, partition_method=cfg.parallel.partition_method,
+                                checkpoint_interval=cfg.parallel.activation_checkpoint_interval)  # fmt: skip
+    else:
+        model = GPT(args, tp_group=topo.tensor_group, seed=cfg.seed,
+                    checkpoint_interval=cfg.parallel.activation_checkpoint_interval)  # fmt: skip
+    if cfg.lora.rank:
+        from neo.model.lora import apply_lora
+
+        apply_lora(model, lora_spec(cfg), cfg.seed)
+    return model
+
+
+def lora_spec(cfg: Config):
+    from neo.model.lora import LoRASpec
+
+    lo = cfg.lora
+    return LoRASpec(lo.rank, lo.alpha, lo.dropout, list(lo.targets), dict(lo.rank_pattern))
 
 
 def frozen_reference(model: torch.nn.Module, cfg: Config):
-    """DPO's reference: a frozen copy of the policy as it starts (after its weights were loaded), in the
-    training dtype, as ``forward(inputs, loss_fn) -> loss_fn(head, hidden, ())``. Plain form only (the config
-    refuses DPO with a pipeline)."""
+    """DPO's reference, as ``forward(inputs, loss_fn) -> loss_fn(head, hidden, ())``: with LoRA the policy with
+    its adapters switched off; otherwise a frozen copy of the policy as it starts (after its weights were
+    loaded), in the training dtype. Plain form only (the config refuses DPO with a pipeline)."""
     import copy
 
     from neo.model.gpt import set_loss
 
+    if cfg.lora.rank:  # the policy with its adapters off: the base, with no second copy of the weights
+        from neo.model.lora import lora_disabled
+
+        def base_forward(inputs, loss_fn):
+            with lora_disabled(model):
+                set_loss(model, loss_fn)
+                try:
+                    return model(inputs, labels=())
+                finally:
+                    set_loss(model, policy_loss)
+
+        policy_loss = model.loss_fn
+        return base_forward
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype, torch.float32)
     reference = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
 

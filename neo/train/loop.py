@@ -19,6 +19,7 @@ import torch.distributed as dist
 from neo.checkpoint import load as ckpt_load
 from neo.checkpoint import save as ckpt_save
 from neo.checkpoint.layout import complete_tags, find_latest, resolve
+from neo.checkpoint.manifest import read_meta
 from neo.checkpoint.tensors import check_compatible
 from neo.config import Config, batch_arithmetic, to_dict, to_yaml
 from neo.errors import REQUEUE_EXIT, CheckpointError, LaunchError
@@ -164,10 +165,24 @@ class Trainer:
         raise CheckpointError(f"{problem} No older checkpoint in {self.cfg.checkpoint_dir} verifies either.")
 
     def _load_weights(self, model: torch.nn.Module) -> None:
-        """Weights go in before DeepSpeed builds its fp32 masters and partitions from the module."""
-        check_compatible(self.load.meta, dataclasses.asdict(self.args), self.load.path,
-                         heads_may_differ=self.load.mode == "weights")  # fmt: skip
-        ckpt_load.copy_weights_into(model, self.load.path, self.topo)
+        """Weights go in before DeepSpeed builds its fp32 masters and partitions from the module. A LoRA
+        checkpoint's base comes first, then its adapters; the base of a LoRA run is recorded for its saves."""
+        from neo.checkpoint.lora import base_record, lora_base
+
+        plan = self.load
+        check_compatible(
+            plan.meta, dataclasses.asdict(self.args), plan.path, heads_may_differ=plan.mode == "weights"
+        )
+        lora = plan.meta.get("lora") or {}
+        if lora.get("base"):
+            ckpt_load.copy_weights_into(
+                model, lora_base(plan.meta, plan.path, self.cfg.checkpoint.verify), self.topo
+            )
+            ckpt_load.copy_weights_into(model, plan.path, self.topo, only_present=True)
+            self.lora_base = lora["base"]
+        else:
+            ckpt_load.copy_weights_into(model, plan.path, self.topo)
+            self.lora_base = base_record(plan.path)
 
     def _finish_load(self) -> None:
         plan, meta = self.load, self.load.meta
@@ -177,6 +192,13 @@ class Trainer:
             self.objective.load_state_dict(meta.get("objective_state") or {})
         log(f"neo: {plan.describe()}")
 
+    def _lora_meta(self) -> dict:
+        """A LoRA run saves its adapters alone when its base is a checkpoint (else, from scratch, everything)."""
+        if not self.cfg.lora.rank:
+            return {}
+        base = getattr(self, "lora_base", None)
+        return {"lora": {"spec": build.lora_spec(self.cfg).to_dict(), "base": base}}
+
     def save(self) -> str:
         from neo import ds_compat
 
@@ -184,10 +206,18 @@ class Trainer:
                 "layout": self.layout(), "tokenizer": self.tokenizer.name, "tokenizer_spec": self.cfg.data.tokenizer,
                 "objective": self.objective.name, "objective_state": self.objective.state_dict(),
                 "lr_schedule": self.scheduler.state_dict(), "engine": ds_compat.engine_state(self.engine),
-                **self.objective.checkpoint_meta()}  # fmt: skip
+                **self.objective.checkpoint_meta(), **self._lora_meta()}  # fmt: skip
+        adapters_only = bool(meta.get("lora", {}).get("base"))
         path = ckpt_save.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta,
-                              self.cfg.checkpoint.keep_last_n, topo=self.topo, zero_stage=self.cfg.zero.stage)  # fmt: skip
-        log(f"neo: saved checkpoint {path}")
+                              self.cfg.checkpoint.keep_last_n, topo=self.topo, zero_stage=self.cfg.zero.stage,
+                              trainable_only=adapters_only)  # fmt: skip
+        size = sum(r["bytes"] for r in read_meta(path)["files"].values()) if self.env.rank == 0 else 0
+        what = (
+            " (LoRA adapters and their optimizer state; the base stays in its checkpoint)"
+            if adapters_only
+            else ""
+        )
+        log(f"neo: saved checkpoint {path}: {size / 2**20:,.1f} MiB{what}")
         return path
 
     # ------------------------------------------------------------------ decisions
@@ -342,6 +372,11 @@ class Trainer:
                    f"vocab {self.args.vocab_size}); {flops_per_token(self.args) / 1e6:.1f} MFLOP/token; "
                    f"objective {self.objective.name}; {self.topo.describe()}")  # fmt: skip
         report.say(f"neo: {batch_arithmetic(self.cfg)}")
+        if self.cfg.lora.rank:
+            trainable = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in self.engine.module.parameters())
+            report.say(f"neo: LoRA rank {self.cfg.lora.rank} on {', '.join(self.cfg.lora.targets)}: {trainable:,} "
+                       f"trainable parameters of {total:,} on this rank ({trainable / total:.2%}); the rest frozen")  # fmt: skip
         if self.pipeline:
             report.say(f"neo: pipeline partitioning ({self.cfg.parallel.partition_method}):\n"
                        f"{describe_partitioning(self.engine.module, self.topo)}")  # fmt: skip

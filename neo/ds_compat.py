@@ -96,6 +96,12 @@ def zero3_partition(p: torch.nn.Parameter, wrapper) -> tuple[tuple[int, ...], in
     return tuple(p.ds_shape), p.ds_tensor.numel(), group
 
 
+def param_numel(p: torch.nn.Parameter) -> int:
+    """A parameter's full size, also under ZeRO-3, where the module's tensor is an empty placeholder
+    (``ds_numel``)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def swaps_optimizer(wrapper) -> bool:
     """ZeRO-3 with optimizer state swapped to NVMe, where neo cannot set it."""
     return bool(getattr(wrapper, "swap_optimizer", False))

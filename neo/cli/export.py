@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tp", type=int, default=1, help="with --from-hf: tensor-parallel shards to write")
     parser.add_argument("--pp", type=int, default=1, help="with --from-hf: pipeline stages to write")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="a LoRA checkpoint: one model with the adapters folded into the base weights")  # fmt: skip
+    lora.add_argument("--peft", action="store_true",
+                      help="a LoRA checkpoint: OUT/base (the base model) and OUT/adapter (a PEFT adapter folder)")  # fmt: skip
     parser.add_argument("--no-verify", action="store_true",
                         help="check checkpoint file sizes only, not their sha256 (faster; logged)")  # fmt: skip
     return parser
@@ -63,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return guarded(PROG, lambda: _run(args))
+
+
+def _check_lora_flags(args: argparse.Namespace) -> None:
+    """A LoRA checkpoint needs --merge-lora or --peft (both are exact; the user chooses the form)."""
+    from neo.checkpoint import read_meta, resolve
+
+    is_lora = bool((read_meta(resolve(args.source)).get("lora") or {}).get("base"))
+    if is_lora and not (args.merge_lora or args.peft):
+        raise UsageError(f"{args.source} holds LoRA adapters. Fix: add --merge-lora (one model, the adapters folded "
+                         "in) or --peft (the base model and a PEFT adapter folder).")  # fmt: skip
+    if not is_lora and (args.merge_lora or args.peft):
+        raise UsageError(f"{args.source} is not a LoRA checkpoint. Fix: drop --merge-lora / --peft.")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -81,6 +98,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.no_verify:
         print("neo: --no-verify: checkpoint file contents were not checked (sizes only)", file=sys.stderr)
+    _check_lora_flags(args)
+    if args.peft:
+        from neo.export.peft import export_peft
+
+        result = export_peft(args.source, args.output, torch_dtype(args.dtype), args.arch, not args.no_verify)
+        print(f"neo: exported the base to {result['base']} and {result['modules']} adapted modules to "
+              f"{result['adapter']}. Load with peft.PeftModel.from_pretrained({result['architecture']}."
+              f"from_pretrained({result['base']!r}), {result['adapter']!r})")  # fmt: skip
+        return 0
     result = export_checkpoint(args.source, args.output, torch_dtype(args.dtype), arch=args.arch,
                                checksums=not args.no_verify)  # fmt: skip
     tok = "with tokenizer files" if result["tokenizer"] else (

@@ -373,8 +373,11 @@ class Trainer:
                    f"objective {self.objective.name}; {self.topo.describe()}")  # fmt: skip
         report.say(f"neo: {batch_arithmetic(self.cfg)}")
         if self.cfg.lora.rank:
-            trainable = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in self.engine.module.parameters())
+            from neo import ds_compat
+
+            params = list(self.engine.module.parameters())
+            trainable = sum(ds_compat.param_numel(p) for p in params if p.requires_grad)
+            total = sum(ds_compat.param_numel(p) for p in params)
             report.say(f"neo: LoRA rank {self.cfg.lora.rank} on {', '.join(self.cfg.lora.targets)}: {trainable:,} "
                        f"trainable parameters of {total:,} on this rank ({trainable / total:.2%}); the rest frozen")  # fmt: skip
         if self.pipeline:

@@ -191,11 +191,14 @@ def forward_last(model: torch.nn.Module, tokens: torch.Tensor, ctx: Context) -> 
     The output head is by far the largest matmul at small model sizes (vocab x hidden per position),
     so a prompt of P tokens would otherwise spend P head projections to use one.
     """
+    from neo.parallel.mappings import gather_from_region
+
     layers = model.layers
     x = tokens
     for layer in layers[:-1]:
         x = layer(x, ctx)
-    return layers[-1](x[:, -1:], ctx)[:, -1]
+    # a tensor-parallel model (RL rollouts from the training policy) holds its slice of the vocabulary
+    return gather_from_region(layers[-1](x[:, -1:], ctx)[:, -1], getattr(model, "tp_group", None))
 
 
 # ------------------------------------------------------------------------------------------- generator

@@ -117,3 +117,11 @@ def restore_training_state(engine, scheduler, plan: LoadPlan, topo) -> None:
         from safetensors.torch import load_file
 
         set_rng_state(load_file(rng_file))
+
+
+def objective_tensors(plan: LoadPlan) -> dict[str, torch.Tensor]:
+    """This rank's objective tensors of a checkpoint (an RL rollout), or none."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(plan.path, "objective", f"rank_{_rank():05d}.safetensors")
+    return load_file(path) if os.path.isfile(path) else {}

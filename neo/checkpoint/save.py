@@ -70,6 +70,15 @@ def _save_rng(folder: str) -> dict:
     return {rel: write_safetensors(os.path.join(folder, rel), rng_state())}
 
 
+def _save_extra(folder: str, tensors: dict) -> dict:
+    """This rank's objective tensors (an RL run's rollout in training), if it has any."""
+    if not tensors:
+        return {}
+    os.makedirs(os.path.join(folder, "objective"), exist_ok=True)
+    rel = os.path.join("objective", f"rank_{_rank():05d}.safetensors")
+    return {rel: write_safetensors(os.path.join(folder, rel), tensors)}
+
+
 def _gather(part: dict) -> dict:
     """The union of every rank's dict (rank 0 uses it)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -80,7 +89,7 @@ def _gather(part: dict) -> dict:
 
 
 def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None, topo, zero_stage: int = 0,
-         trainable_only: bool = False) -> str:  # fmt: skip
+         trainable_only: bool = False, extra: dict | None = None) -> str:  # fmt: skip
     """Save a checkpoint of ``engine`` at ``iteration`` and publish it atomically (all ranks call).
 
     ``meta`` is what the run records beside the tensors (config, model shape, layout, data position, the LR
@@ -93,7 +102,7 @@ def save(engine, root: str, iteration: int, meta: dict, keep_last_n: int | None,
     _barrier()
     splits, files = _save_weights(engine.module, tmp_dir, topo, zero_stage, trainable_only)
     optim, optim_files = optimizer_state.save(engine, tmp_dir, topo)
-    files = _gather({**files, **optim_files, **_save_rng(tmp_dir)})
+    files = _gather({**files, **optim_files, **_save_rng(tmp_dir), **_save_extra(tmp_dir, extra or {})})
     splits = _gather(splits)
     _barrier()
     if _rank() == 0:

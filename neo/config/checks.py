@@ -16,11 +16,11 @@ def _check(cfg: Config, b: _Builder) -> None:
         _check_model(cfg, b)
         _check_parallel(cfg, b)
         _check_zero_and_precision(cfg, b)
-    _check_objective(cfg, b)
     _check_lora(cfg, b)
     _check_passthrough(cfg, b)
     _check_training(cfg, b)
     _resolve_batch(cfg, b)
+    _check_objective(cfg, b)
 
 
 def model_problems(cfg: Config) -> list[str]:
@@ -195,6 +195,29 @@ def _check_objective(cfg: Config, b: _Builder) -> None:
         )
     if o.centering < 0:
         p.append(f"objective.centering = {o.centering} {w('objective.centering')} must be >= 0")
+    if o.type in ("ppo", "grpo"):
+        _check_online(cfg, b)
+
+
+def _check_online(cfg: Config, b: _Builder) -> None:
+    """PPO/GRPO: a reward, no pipeline, and rollouts that divide into whole optimizer steps."""
+    p, o, w = b.problems, cfg.objective, b.where
+    if cfg.parallel.pp > 1:
+        p.append(f"objective.type = {o.type} needs parallel.pp = 1 {w('parallel.pp')}: the rollouts sample token by "
+                 "token from the whole policy. Fix: use parallel.tp and ZeRO instead.")  # fmt: skip
+    if bool(o.reward) == bool(o.reward_model):
+        p.append(f"objective.type = {o.type} needs exactly one of objective.reward (a 'module:function') and "
+                 "objective.reward_model (a reward checkpoint)")  # fmt: skip
+    group = o.group_size or (4 if o.type == "grpo" else 1)
+    if o.type == "grpo" and group < 2:
+        p.append(f"objective.group_size = {group} {w('objective.group_size')}: GRPO compares responses within a "
+                 "group, so it needs at least 2")  # fmt: skip
+    sequences = o.rollout_prompts * group
+    g = cfg.batch.global_batch_size
+    if o.rollout_prompts % max(cfg.dp, 1) or (g and (sequences * o.ppo_epochs) % g):
+        p.append(f"objective.rollout_prompts = {o.rollout_prompts} x group_size {group} x ppo_epochs "
+                 f"{o.ppo_epochs} must split into whole steps of batch.global_batch_size = {g}, and the prompts "
+                 f"evenly over {cfg.dp} data-parallel ranks")  # fmt: skip
 
 
 def _check_zero_and_precision(cfg: Config, b: _Builder) -> None:

@@ -156,13 +156,28 @@ class ObjectiveConfig:
     """What the run optimizes; every objective runs in the same loop (neo/objectives/)."""
 
     # pretrain: next-token prediction on token files; sft: the answer tokens of chat data (loss-masked);
-    # reward: a reward model on ranked answers; dpo: direct preference optimization
-    type: Literal["pretrain", "sft", "reward", "dpo"] = "pretrain"
+    # reward: a reward model on ranked answers; dpo: direct preference optimization; ppo, grpo: online RL
+    type: Literal["pretrain", "sft", "reward", "dpo", "ppo", "grpo"] = "pretrain"
     margin: float = 0.0  # reward: -log sigmoid(r_chosen - r_rejected - margin)
     centering: float = 0.0  # reward: + centering x (r_chosen + r_rejected)^2, keeping rewards near zero
     beta: float = 0.1  # dpo: strength of the implicit KL constraint to the reference (the policy's start)
     dpo_variant: Literal["sigmoid", "ipo"] = "sigmoid"  # dpo: the DPO loss, or IPO's squared loss
     label_smoothing: float = 0.0  # dpo (sigmoid): the share of labels assumed flipped (conservative DPO)
+    reward: str = ""  # ppo/grpo: a reward function "module:function(prompts, responses) -> list of floats"
+    reward_model: str | None = None  # ppo/grpo: or a reward model's checkpoint (objective.type: reward)
+    rollout_prompts: int = 8  # ppo/grpo: prompts per rollout (all data-parallel ranks together)
+    group_size: int | None = None  # ppo/grpo: responses sampled per prompt; None: 1 (ppo), 4 (grpo)
+    ppo_epochs: int = 2  # ppo/grpo: passes over each rollout, in mini-batches of batch.global_batch_size
+    clip: float = 0.2  # ppo/grpo: the policy ratio is clipped to [1 - clip, 1 + clip]
+    kl_coef: float = 0.05  # ppo: per-token KL penalty in the reward; grpo: KL term in the loss
+    value_clip: float = 0.2  # ppo: the value's change is clipped to +- value_clip
+    vf_coef: float = 0.5  # ppo: weight of the value loss
+    gamma: float = 1.0  # ppo: discount
+    lam: float = 0.95  # ppo: GAE lambda
+    max_new_tokens: int = 32  # ppo/grpo: longest sampled response
+    temperature: float = 1.0  # ppo/grpo: sampling temperature of the rollouts
+    top_k: int = 0  # ppo/grpo: sample among the k most likely tokens (0: all)
+    top_p: float = 1.0  # ppo/grpo: nucleus sampling (1: off)
 
 
 @dataclass

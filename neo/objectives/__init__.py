@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from neo.objectives.base import MicroBatch, Objective
 from neo.objectives.dpo import DPO
+from neo.objectives.grpo import GRPO
+from neo.objectives.ppo import PPO
 from neo.objectives.pretrain import Pretrain
 from neo.objectives.reward import Reward
 from neo.objectives.sft import SFT
 
-OBJECTIVES: dict[str, type[Objective]] = {"pretrain": Pretrain, "sft": SFT, "reward": Reward, "dpo": DPO}
+OBJECTIVES: dict[str, type[Objective]] = {"pretrain": Pretrain, "sft": SFT, "reward": Reward, "dpo": DPO, "ppo": PPO,
+                                          "grpo": GRPO}  # fmt: skip
 
 
 def build_objective(cfg) -> Objective:

@@ -110,7 +110,23 @@ class Objective:
 
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), **self.summarize(sums)}
 
+    # ------------------------------------------------------------------------------ hooks of the loop
+    def attach(self, trainer) -> None:
+        """Called once the trainer's engine exists (online RL samples from the policy it trains)."""
+
+    def validate(self, trainer) -> dict[str, float] | None:
+        """Validation metrics computed the objective's own way (RL: rollouts on held-out prompts), or None for
+        the loop's: the loss over the first eval.iters global batches of the validation split."""
+        return None
+
     # ---------------------------------------------------------------------------------------- resume
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        """This rank's tensors a checkpoint must hold for an exact resume (RL: the rollout in training)."""
+        return {}
+
+    def load_tensor_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore ``tensor_state()`` (called only when resuming in the same layout)."""
+
     def checkpoint_meta(self) -> dict:
         """What a checkpoint records for its readers (e.g. the chat template generation must use)."""
         return {}

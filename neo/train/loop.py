@@ -98,6 +98,7 @@ class Trainer:
         )
         self.pipeline = cfg.parallel.pp > 1
         self.iteration, self.consumed = 0, 0
+        self.objective.attach(self)
         if self.load:
             self._finish_load()
 
@@ -190,6 +191,8 @@ class Trainer:
             self.iteration, self.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
             ckpt_load.restore_training_state(self.engine, self.scheduler, plan, self.topo)
             self.objective.load_state_dict(meta.get("objective_state") or {})
+            if plan.mode == "resume":
+                self.objective.load_tensor_state(ckpt_load.objective_tensors(plan))
         log(f"neo: {plan.describe()}")
 
     def _lora_meta(self) -> dict:
@@ -210,7 +213,7 @@ class Trainer:
         adapters_only = bool(meta.get("lora", {}).get("base"))
         path = ckpt_save.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta,
                               self.cfg.checkpoint.keep_last_n, topo=self.topo, zero_stage=self.cfg.zero.stage,
-                              trainable_only=adapters_only)  # fmt: skip
+                              trainable_only=adapters_only, extra=self.objective.tensor_state())  # fmt: skip
         size = sum(r["bytes"] for r in read_meta(path)["files"].values()) if self.env.rank == 0 else 0
         what = (
             " (LoRA adapters and their optimizer state; the base stays in its checkpoint)"
@@ -281,7 +284,7 @@ class Trainer:
     def _dp_mean(self, value: torch.Tensor) -> float:
         return (self._dp_sum(value) / self.topo.dp).item()
 
-    def _reduced_sums(self) -> dict[str, float]:
+    def reduced_sums(self) -> dict[str, float]:
         """The objective's metric sums since the last call, summed over data-parallel ranks and pipeline
         stages (only the last stage computes the loss; tensor-parallel ranks hold the same values)."""
         names, sums = self.objective.metric_sums, self.objective.pop_sums()
@@ -297,7 +300,7 @@ class Trainer:
 
     def objective_metrics(self) -> dict[str, float]:
         """This step's metrics as the objective summarizes them (accuracy, margins, reward...)."""
-        return self.objective.summarize(self._reduced_sums())
+        return self.objective.summarize(self.reduced_sums())
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> dict[str, float] | None:
@@ -318,7 +321,7 @@ class Trainer:
                 total, n = total + self.engine(m.inputs, labels=m.labels).float(), n + 1
         if not self.pipeline:
             self.engine.train()
-        return self.objective.summarize_validation(self._dp_mean(total / n), self._reduced_sums())
+        return self.objective.summarize_validation(self._dp_mean(total / n), self.reduced_sums())
 
     def _grad_norm(self) -> float | None:
         if isinstance(self._neo_optimizer, ClippingAdamW):
@@ -385,7 +388,9 @@ class Trainer:
                        f"{describe_partitioning(self.engine.module, self.topo)}")  # fmt: skip
 
     def _validate(self, report: RunLog, note: str = "") -> None:
-        metrics = self.evaluate("valid")
+        metrics = self.objective.validate(self)
+        if metrics is None:
+            metrics = self.evaluate("valid")
         if metrics is not None:
             report.validation(self.iteration, metrics, note)
 

@@ -158,16 +158,13 @@ class OnlineRL(Objective):
         }
         if self.uses_critic:
             out["value_loss"] = sums["value_loss_sum"] / n
-        if sums["responses"]:
+        if sums["responses"]:  # a rollout happened in this step: its numbers stand until the next one
             m = sums["responses"]
             mean = sums["reward_sum"] / m
-            out.update(
-                reward=mean,
-                reward_std=math.sqrt(max(sums["reward_sq_sum"] / m - mean**2, 0.0)),
-                response_len=sums["length_sum"] / m,
-                gen_s=sums["gen_seconds"] / max(sums["rollouts"], 1.0),
-            )
-        return out
+            self.last_rollout = {"reward": mean, "reward_std": math.sqrt(max(sums["reward_sq_sum"] / m - mean**2, 0.0)),
+                                 "response_len": sums["length_sum"] / m,
+                                 "gen_s": sums["gen_seconds"] / max(sums["rollouts"], 1.0)}  # fmt: skip
+        return {**out, **getattr(self, "last_rollout", {})}
 
     def validate(self, trainer) -> dict[str, float] | None:
         """Validation: one rollout on held-out prompts (no training on it): reward, KL, length."""

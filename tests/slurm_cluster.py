@@ -397,9 +397,11 @@ if __name__ == "__main__":
         sys.exit(f"no cluster: {reason}")
     root = sys.argv[1] if len(sys.argv) > 1 else "/tmp/neo-slurm"
     names = sys.argv[2].split(",") if len(sys.argv) > 2 else ()  # e.g. n1,n2: a node per name
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the daemons on kill, too
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     with LocalSlurm(root, nodes=names) as c:
         print(f"cluster up ({', '.join(c.nodes)}); in another shell:  export SLURM_CONF={c.conf}", flush=True)
-        print("Ctrl-C stops it", flush=True)
+        print(f"Ctrl-C (or kill {os.getpid()}) stops it", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:

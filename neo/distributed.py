@@ -9,7 +9,9 @@ Who am I in the job, in order of precedence:
 * nothing: one process. This includes ``python launch/train.py`` run directly in an sbatch script:
   the batch step has ``SLURM_PROCID=0`` and ``SLURM_NTASKS`` but no ``SLURM_STEP_*`` variables.
 
-Backend: nccl with CUDA, gloo on CPU; the device is the local rank's GPU. An inconsistent
+Rendezvous: at MASTER_ADDR, or SLURM's NodeAddr for a node name that does not resolve; ranks that cannot
+meet, or a collective whose peer is gone, fail after a deadline (``launch`` in the config) instead of
+hanging. Backend: nccl with CUDA, gloo on CPU; the device is the local rank's GPU. An inconsistent
 environment (half-set variables, a rank outside the world, more ranks on a node than GPUs) is a
 ``LaunchError`` whose message says what to fix. Also defused here: threads per rank on CPU, the g++
 build of a shared-memory helper at every start, MPI discovery without a launcher, and gloo's abort
@@ -285,13 +287,11 @@ def backend() -> str:
     return "nccl" if _has_cuda() else "gloo"
 
 
-# ---------------------------------------------------------------------------------------------- rendezvous
 def slurm_node_addr(node: str) -> str | None:
     """The address SLURM has for ``node`` (``scontrol show node`` -> ``NodeAddr``); None if it has none."""
+    cmd = ["scontrol", "show", "node", "-o", node]
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=30
-        ).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"(?:^|\s)NodeAddr=(\S+)", out)
@@ -320,12 +320,11 @@ def master_address(host: str, port: int) -> tuple[str, str]:
 
 
 def rendezvous(env: DistEnv, timeout: float, master: str = ""):
-    """Meet every rank at MASTER_ADDR:MASTER_PORT within ``timeout`` seconds; returns the shared store.
+    """Meet every rank at MASTER_ADDR:MASTER_PORT (``master`` in messages) within ``timeout`` seconds.
 
     Rank 0 hosts the store (torchrun's agent does under torchrun); every rank connects, counts itself
-    in, and waits until all have. torch's own client retries a missing host for up to ~3x its timeout
-    (printing C++ stack traces), so the deadline is kept here: past it, this rank stops with a message
-    naming host and port. ``master`` is how that message names MASTER_ADDR:MASTER_PORT.
+    in, and waits until all have. torch's client retries a missing host for up to ~3x its timeout
+    (printing C++ stack traces), so the deadline is kept here, and a LaunchError names host and port.
     """
     import torch.distributed as dist
 
@@ -360,12 +359,9 @@ def rendezvous(env: DistEnv, timeout: float, master: str = ""):
     if "store" in result:
         return result["store"]
     waited = time.monotonic() - start
+    what = f"rank {env.rank} of {env.world_size} could not reach rank 0 at {master} within {waited:.0f} s"
     if "connected" in result:
-        what = (
-            f"rank {env.rank} reached {master}, but not all {env.world_size} ranks came within {waited:.0f} s"
-        )
-    else:
-        what = f"rank {env.rank} of {env.world_size} could not reach rank 0 at {master} within {waited:.0f} s"
+        what = f"rank {env.rank} reached {master}, but not all {env.world_size} ranks came in {waited:.0f} s"
     detail = f" ({str(result['error']).splitlines()[0]})" if "error" in result else ""
     if "EADDRINUSE" in detail:
         raise LaunchError(
@@ -381,11 +377,17 @@ def rendezvous(env: DistEnv, timeout: float, master: str = ""):
 
 def _start_process_group(env: DistEnv, store, device, collective_timeout: float) -> None:
     """torch's default group on the store every rank met at; collectives then time out after
-    ``collective_timeout`` seconds (also the store's, which later group creations use)."""
+    ``collective_timeout`` seconds, in every group (and the store, which creating a group uses)."""
     import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
 
     extra = {"device_id": device} if device.type == "cuda" and env.world_size > 1 else {}
     timeout = datetime.timedelta(seconds=collective_timeout)
+    # Groups made later (neo's topology, DeepSpeed's own) get torch's default, not the world group's
+    # timeout: 30 minutes for gloo. The defaults are module globals, read by every new_group().
+    c10d.default_pg_timeout = timeout
+    if isinstance(c10d.default_pg_nccl_timeout, datetime.timedelta):  # None without NCCL
+        c10d.default_pg_nccl_timeout = timeout
     dist.init_process_group(
         backend(), store=store, rank=env.rank, world_size=env.world_size, timeout=timeout, **extra
     )
@@ -415,10 +417,9 @@ def ranks_by_node(names: list[str]) -> str:
 def init(rendezvous_timeout: float | None = None, collective_timeout: float | None = None) -> DistEnv:
     """Read the environment, set threads and device, meet the other ranks, start the process group.
 
-    ``rendezvous_timeout`` (s) bounds the meeting of all ranks at MASTER_ADDR:MASTER_PORT; a job that
-    cannot meet fails with a ``LaunchError`` naming the host and port instead of waiting torch's 30
-    minutes. ``collective_timeout`` (s) bounds every later collective, so that a rank whose peer is gone
-    fails. Defaults: the config's ``launch`` section (``LaunchConfig``).
+    Ranks that cannot meet within ``rendezvous_timeout`` seconds fail naming host and port (torch would
+    wait 30 minutes); a collective waiting ``collective_timeout`` seconds for a peer fails. Defaults:
+    the config's ``launch`` section.
     """
     import warnings
 

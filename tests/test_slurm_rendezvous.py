@@ -74,7 +74,7 @@ def test_ranks_that_cannot_meet_fail_within_the_rendezvous_timeout_naming_host_a
     # the measured wait is in the message: TIMEOUT s, or a little more on a busy machine
     a1, b0, b1 = out["a1"], out["b0"], out["b1"]
     assert re.search(rf"rank 1 of 2 could not reach rank 0 at 127\.0\.0\.1:{port_a} within [3-9] s", a1), a1
-    reached = rf"reached 127\.0\.0\.1:{port_b}, but not all 3 ranks came within [3-9] s"
+    reached = rf"reached 127\.0\.0\.1:{port_b}, but not all 3 ranks came in [3-9] s"
     assert re.search(f"rank 0 {reached}", b0) and re.search(f"rank 1 {reached}", b1), out
     # imports take a few seconds each on a busy 2-core machine; torch's own wait would be 30 minutes
     assert elapsed < TIMEOUT + 60

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runs import ROOT, checkpoints, end_codes, losses, make_tokens, records, run_training, steps
+from runs import ROOT, TINY, checkpoints, end_codes, losses, make_tokens, records, run_training, steps
 from slurm_cluster import LocalSlurm, job_env, read_log, unavailable_reason, wait_for_step
 
 from neo.checkpoint.layout import find_latest
@@ -35,6 +35,9 @@ STEPS = 12
 # The quickstart's model, a smaller batch, no validation: ~1 s a step on 2 ranks here.
 SETTINGS = (f"schedule.iterations={STEPS}", "schedule.warmup=2", "batch.micro_batch_size=4",
             "eval.interval=0", "eval.iters=0", "logging.interval=4")  # fmt: skip
+# Failure tests need no parity: the tiny model, long enough never to finish before it is interrupted.
+TINY_SETTINGS = ("schedule.iterations=400", "eval.interval=0")
+HUNG_TIMEOUT = 10  # s: launch.collective_timeout of the hung-node test
 RTOL = 1e-4  # fp32: a 2-node run against 2 processes on one node
 JOB_TIMEOUT = 300  # s; a job takes 15-40 s here, far more only when the machine is overloaded
 LOST_RANK_BOUND = 30  # s from SIGKILL of one node's rank until the job has ended (measured: ~1 s)
@@ -74,9 +77,9 @@ def reference(tokens, tmp_path_factory) -> list[float]:
 
 
 def submit(cluster: LocalSlurm, tmp: Path, script: str, run_dir: Path, tokens: str, *extra: str,
-           **env: str) -> tuple[int, Path]:  # fmt: skip
-    """sbatch --nodes 2 --ntasks-per-node 1 SCRIPT with the quickstart shape, as a user submits it."""
-    sets = [f"data.train_paths=[{tokens}]", f"logging.dir={run_dir}", *SETTINGS, *extra]
+           config: str = QUICKSTART, settings: tuple[str, ...] = SETTINGS, **env: str) -> tuple[int, Path]:  # fmt: skip
+    """sbatch --nodes 2 --ntasks-per-node 1 SCRIPT (the quickstart shape by default), as a user submits it."""
+    sets = [f"data.train_paths=[{tokens}]", f"logging.dir={run_dir}", *settings, *extra]
     job = cluster.sbatch(
         "--nodes=2",
         "--ntasks-per-node=1",
@@ -84,7 +87,7 @@ def submit(cluster: LocalSlurm, tmp: Path, script: str, run_dir: Path, tokens: s
         "--time=15",
         f"--output={tmp}/job-%j.out",
         script,
-        QUICKSTART,
+        config,
         *[arg for s in sets for arg in ("--set", s)],
         cwd=ROOT,
         env=job_env(tmp, **env),
@@ -95,6 +98,7 @@ def submit(cluster: LocalSlurm, tmp: Path, script: str, run_dir: Path, tokens: s
 def assert_same_curve(got: list[float], want: list[float], text: str, rtol: float = RTOL) -> None:
     assert len(got) == len(want), f"{len(got)} losses, want {len(want)}:\n{text}"
     worst = max(abs(g - w) / abs(w) for g, w in zip(got, want))
+    print(f"{len(got)} losses, max relative difference {worst:.1e} (tolerance {rtol:g})")
     assert worst <= rtol, f"max relative difference {worst:.2e} > {rtol:g}\n{got}\n{want}"
 
 
@@ -168,27 +172,39 @@ def test_warning_signal_on_two_nodes_saves_once_requeues_and_resumes_the_same_cu
     assert_same_curve(losses(recs), reference, text, rtol=1e-6)
 
 
-def kill_rank(cluster: LocalSlurm, job: int, node: str) -> float:
-    """SIGKILL the training process of ``job`` on ``node``; returns when (time.monotonic())."""
-    pids = cluster.job_pids(job, node, "launch/train.py")
+def signal_rank(cluster: LocalSlurm, job: int, node: str, sig: int = signal.SIGKILL) -> float:
+    """Send ``sig`` to the training process of ``job`` on ``node`` (not to a deepspeed launcher);
+    returns when (time.monotonic())."""
+    pids = [p for p in cluster.job_pids(job, node, "launch/train.py") if "deepspeed" not in cmdline(p)]
     assert len(pids) == 1, f"want the one rank of job {job} on {node}, found {pids}"
-    os.kill(pids[0], signal.SIGKILL)
+    os.kill(pids[0], sig)
     return time.monotonic()
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def assert_no_rank_left(cluster: LocalSlurm, job: int) -> None:
+    for node in NODES:  # no rank is left waiting for the lost one
+        assert not cluster.job_pids(job, node, "launch/train.py"), f"job {job} left a process on {node}"
 
 
 def test_lost_node_ends_the_job_at_once_and_a_resubmission_resumes(cluster, tokens, reference, tmp_path):
     run_dir = tmp_path / "run"
     job, log = submit(cluster, tmp_path, TRAIN, run_dir, tokens, "checkpoint.save_interval=3")
     wait_for_step(cluster, job, run_dir, log, 4, JOB_TIMEOUT)  # checkpoint 3 is written
-    killed = kill_rank(cluster, job, "n2")
+    killed = signal_rank(cluster, job, "n2")
     info = cluster.wait(job, timeout=LOST_RANK_BOUND)
     ended = time.monotonic() - killed
     text = read_log(log)
     print(f"job {job} ended {ended:.1f} s after its rank on n2 was killed")
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "137:0"), text
     assert "srun: error: n2: task 1: Killed" in text and "neo: training failed" in text, text
-    for node in NODES:  # no rank is left waiting for the lost one
-        assert not cluster.job_pids(job, node, "launch/train.py"), f"job {job} left a rank on {node}"
+    assert_no_rank_left(cluster, job)
     newest = find_latest(str(run_dir / "checkpoints"))
     assert newest is not None, text
     verify(newest, read_meta(newest))  # every file its manifest lists, at its size
@@ -205,6 +221,38 @@ def test_lost_node_ends_the_job_at_once_and_a_resubmission_resumes(cluster, toke
     recs = records(run_dir)
     assert end_codes(recs) == [0] and steps(recs)[-(STEPS - resume_at) - 1] == trained
     assert_same_curve(losses(recs)[-(STEPS - resume_at) :], reference[resume_at:], text, rtol=1e-6)
+
+
+def test_lost_rank_under_the_deepspeed_launchers_ends_the_job_at_once(cluster, tokens, tmp_path):
+    # the launcher on n2 sees its rank die and fails; srun --kill-on-bad-exit then ends n1's launcher
+    run_dir = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, TRAIN_DS, run_dir, tokens, config=TINY, settings=TINY_SETTINGS)
+    wait_for_step(cluster, job, run_dir, log, 2, JOB_TIMEOUT)
+    killed = signal_rank(cluster, job, "n2")
+    info = cluster.wait(job, timeout=LOST_RANK_BOUND)
+    text = read_log(log)
+    print(
+        f"job {job} (deepspeed launchers) ended {time.monotonic() - killed:.1f} s after its rank on n2 was killed"
+    )
+    assert info["JobState"] == "FAILED" and "srun: error: n2: task 1: Exited" in text, text
+    assert_no_rank_left(cluster, job)
+
+
+def test_a_hung_node_ends_the_job_after_the_collective_timeout(cluster, tokens, tmp_path):
+    # a node that stops answering without its processes ending (SIGSTOP): srun cannot see it, but rank
+    # 0's next all-reduce gives up after launch.collective_timeout, and srun then ends the step
+    run_dir = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, TRAIN, run_dir, tokens, f"launch.collective_timeout={HUNG_TIMEOUT}",
+                      config=TINY, settings=TINY_SETTINGS)  # fmt: skip
+    wait_for_step(cluster, job, run_dir, log, 2, JOB_TIMEOUT)
+    stopped = signal_rank(cluster, job, "n2", signal.SIGSTOP)
+    info = cluster.wait(job, timeout=HUNG_TIMEOUT + LOST_RANK_BOUND)
+    ended = time.monotonic() - stopped
+    text = read_log(log)
+    print(f"job {job} ended {ended:.1f} s after its rank on n2 stopped (collective timeout {HUNG_TIMEOUT} s)")
+    assert info["JobState"] == "FAILED", text
+    assert f"Timed out waiting {HUNG_TIMEOUT * 1000}ms" in text, text
+    assert_no_rank_left(cluster, job)
 
 
 def test_a_job_that_cannot_rendezvous_fails_fast_naming_host_and_port(cluster, tokens, tmp_path):

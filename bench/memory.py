@@ -187,7 +187,7 @@ def worker(local_rank: int, case: dict, port: int, out_dir: str) -> None:
     from neo import distributed
     from neo.config import load_config
 
-    env = distributed.init(timeout_minutes=case["timeout_minutes"])
+    env = distributed.init(collective_timeout=60 * case["timeout_minutes"])
     cfg = load_config(case["configs"], case["overrides"], world_size=world)
     trainer = common.build_trainer(cfg, env)
     engine, topo = trainer.engine, trainer.topo

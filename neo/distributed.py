@@ -9,7 +9,9 @@ Who am I in the job, in order of precedence:
 * nothing: one process. This includes ``python launch/train.py`` run directly in an sbatch script:
   the batch step has ``SLURM_PROCID=0`` and ``SLURM_NTASKS`` but no ``SLURM_STEP_*`` variables.
 
-Backend: nccl with CUDA, gloo on CPU; the device is the local rank's GPU. An inconsistent
+Rendezvous: at MASTER_ADDR, or SLURM's NodeAddr for a node name that does not resolve; ranks that cannot
+meet, or a collective whose peer is gone, fail after a deadline (``launch`` in the config) instead of
+hanging. Backend: nccl with CUDA, gloo on CPU; the device is the local rank's GPU. An inconsistent
 environment (half-set variables, a rank outside the world, more ranks on a node than GPUs) is a
 ``LaunchError`` whose message says what to fix. Also defused here: threads per rank on CPU, the g++
 build of a shared-memory helper at every start, MPI discovery without a launcher, and gloo's abort
@@ -18,14 +20,18 @@ at interpreter exit.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
-from neo.errors import LaunchError  # noqa: F401 - re-exported: part of this module's API
+from neo.errors import REQUEUE_EXIT, LaunchError  # noqa: F401 - LaunchError re-exported: part of this API
 
 
 @dataclass
@@ -206,7 +212,8 @@ def set_threads(env: DistEnv) -> int:
 
     The deepspeed launcher leaves OMP_NUM_THREADS unset; two ranks on two cores each running two
     threads train ~30x slower than with one thread each. Under srun, ``--cpus-per-task`` is the
-    share SLURM gave each rank.
+    share SLURM gave each rank; otherwise the job's CPUs on this node (``SLURM_CPUS_ON_NODE``, which
+    matters where SLURM does not bind tasks to cores) are split between the node's ranks.
     """
     import torch
 
@@ -216,6 +223,8 @@ def set_threads(env: DistEnv) -> int:
         threads = int(os.environ["SLURM_CPUS_PER_TASK"])
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if os.environ.get("SLURM_CPUS_ON_NODE", "").isdigit():  # the job's share of a node SLURM did not bind
+            cores = min(cores, int(os.environ["SLURM_CPUS_ON_NODE"]))
         threads = max(1, cores // env.local_world_size)
     torch.set_num_threads(threads)
     return threads
@@ -269,10 +278,146 @@ def backend() -> str:
     return "nccl" if _has_cuda() else "gloo"
 
 
-def init(timeout_minutes: int = 30) -> DistEnv:
-    """Read the environment, set threads and device, start DeepSpeed's process group (gloo or nccl)."""
-    import datetime
+def slurm_node_addr(node: str) -> str | None:
+    """The address SLURM has for ``node`` (``scontrol show node`` -> ``NodeAddr``); None if it has none."""
+    cmd = ["scontrol", "show", "node", "-o", node]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"(?:^|\s)NodeAddr=(\S+)", out)
+    return m.group(1) if m and m.group(1) not in ("(null)", "") else None
+
+
+def master_address(host: str, port: int) -> tuple[str, str]:
+    """An address for MASTER_ADDR ``host`` that this rank can connect to, and how it was found.
+
+    SLURM names nodes in slurm.conf; those names need not resolve as host names (DNS may know the
+    nodes by other names, or not at all), and torch would retry an unresolvable name until its
+    timeout. So a name that does not resolve is looked up in SLURM: its ``NodeAddr``.
+    """
+    try:
+        socket.getaddrinfo(host, None)
+        return host, ""
+    except (socket.gaierror, UnicodeError):
+        node_addr = slurm_node_addr(host)
+    if node_addr:
+        return node_addr, f"{host} does not resolve: SLURM's NodeAddr {node_addr}"
+    raise LaunchError(
+        f"cannot rendezvous at {host}:{port}: MASTER_ADDR={host!r} does not resolve as a host name here, and "
+        "SLURM knows no address for a node of that name. Fix: set MASTER_ADDR to rank 0's host name or IP "
+        "address, reachable from every node."
+    )
+
+
+def rendezvous(env: DistEnv, timeout: float, master: str = ""):
+    """Meet every rank at MASTER_ADDR:MASTER_PORT (``master`` in messages) within ``timeout`` seconds.
+
+    Rank 0 hosts the store (torchrun's agent does under torchrun); every rank connects, counts itself
+    in, and waits until all have. torch's client retries a missing host for up to ~3x its timeout
+    (printing C++ stack traces), so the deadline is kept here, and a LaunchError names host and port.
+    """
+    import torch.distributed as dist
+
+    master = master or f"{env.master_addr}:{env.master_port}"
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    key = f"neo/rendezvous/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # torchrun keeps its store
+    result: dict = {}
+
+    def meet() -> None:
+        try:
+            store = dist.TCPStore(
+                env.master_addr,
+                env.master_port,
+                env.world_size,
+                is_master=env.rank == 0 and not agent,
+                timeout=datetime.timedelta(seconds=2 * timeout),  # the deadline below comes first
+                wait_for_workers=False,
+                multi_tenant=not agent,
+            )
+            result["connected"] = True
+            if store.add(f"{key}/arrived", 1) == env.world_size:
+                store.set(f"{key}/all", "1")
+            store.wait([f"{key}/all"])
+            result["store"] = store
+        except RuntimeError as e:  # DistNetworkError, DistStoreError
+            result["error"] = e
+
+    worker = threading.Thread(target=meet, name="neo-rendezvous", daemon=True)
+    start = time.monotonic()
+    worker.start()
+    worker.join(timeout)
+    if "store" in result:
+        return result["store"]
+    waited = time.monotonic() - start
+    what = f"rank {env.rank} of {env.world_size} could not reach rank 0 at {master} within {waited:.0f} s"
+    if "connected" in result:
+        what = f"rank {env.rank} reached {master}, but not all {env.world_size} ranks came in {waited:.0f} s"
+    detail = f" ({str(result['error']).splitlines()[0]})" if "error" in result else ""
+    if "EADDRINUSE" in detail:
+        raise LaunchError(
+            f"rank 0 cannot listen on port {env.master_port} ({master}): it is in use. "
+            "Fix: export MASTER_PORT=<a free port> (another job or a leftover process holds this one)."
+        )
+    raise LaunchError(
+        f"rendezvous failed: {what}{detail}. Fix: check that every rank started (the first error above), "
+        f"that {env.master_addr} is rank 0's node and port {env.master_port} is open between the nodes; "
+        "if ranks start far apart (a slow shared filesystem), raise launch.rendezvous_timeout."
+    )
+
+
+def _start_process_group(env: DistEnv, store, device, collective_timeout: float) -> None:
+    """torch's default group on the store every rank met at; collectives then time out after
+    ``collective_timeout`` seconds, in every group (and the store, which creating a group uses)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    extra = {"device_id": device} if device.type == "cuda" and env.world_size > 1 else {}
+    timeout = datetime.timedelta(seconds=collective_timeout)
+    # Groups made later (neo's topology, DeepSpeed's own) get torch's default, not the world group's
+    # timeout: 30 minutes for gloo. The defaults are module globals, read by every new_group().
+    c10d.default_pg_timeout = timeout
+    if isinstance(c10d.default_pg_nccl_timeout, datetime.timedelta):  # None without NCCL
+        c10d.default_pg_nccl_timeout = timeout
+    dist.init_process_group(
+        backend(), store=store, rank=env.rank, world_size=env.world_size, timeout=timeout, **extra
+    )
+    store.set_timeout(timeout)
+
+
+def node_name() -> str:
+    """This rank's node: SLURM's name for it when there is one (it may differ from the host name)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def ranks_by_node(names: list[str]) -> str:
+    """``"n1 [0-3], n2 [4-7]"`` from the node name of each rank, in rank order: where the ranks ran."""
+    runs: dict[str, list[list[int]]] = {}
+    for rank, name in enumerate(names):
+        spans = runs.setdefault(name, [])
+        if spans and spans[-1][1] == rank - 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ", ".join(
+        f"{name} [{','.join(str(a) if a == b else f'{a}-{b}' for a, b in spans)}]"
+        for name, spans in runs.items()
+    )
+
+
+def init(rendezvous_timeout: float | None = None, collective_timeout: float | None = None) -> DistEnv:
+    """Read the environment, set threads and device, meet the other ranks, start the process group.
+
+    Ranks that cannot meet within ``rendezvous_timeout`` seconds fail naming host and port (torch would
+    wait 30 minutes); a collective waiting ``collective_timeout`` seconds for a peer fails. Defaults:
+    the config's ``launch`` section.
+    """
     import warnings
+
+    from neo.config.schema import LaunchConfig
+
+    rendezvous_timeout = rendezvous_timeout or LaunchConfig.rendezvous_timeout
+    collective_timeout = collective_timeout or LaunchConfig.collective_timeout
 
     # DeepSpeed's ZeRO calls torch collectives under names torch has deprecated: one warning per call site.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -280,29 +425,39 @@ def init(timeout_minutes: int = 30) -> DistEnv:
     env = read_env()
     if env.note and env.rank == 0:
         print(f"neo: note: {env.note}", file=sys.stderr, flush=True)
+    address, how = master_address(env.master_addr, env.master_port)
+    master = f"{env.master_addr}:{env.master_port}" + (f" ({how})" if how else "")
+    env = dataclasses.replace(env, master_addr=address)
     export(env)
     threads = set_threads(env)
     device = device_for(env)
     import deepspeed
+    import torch.distributed
 
     from neo import ds_compat
 
     ds_compat.skip_shm_build()
-    deepspeed.init_distributed(
+    store = rendezvous(env, rendezvous_timeout, master)
+    _start_process_group(env, store, device, collective_timeout)
+    deepspeed.init_distributed(  # finds torch's group started: only wraps it
         dist_backend=backend(),
         auto_mpi_discovery=False,
         verbose=False,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout=datetime.timedelta(seconds=collective_timeout),
         rank=env.rank,
         world_size=env.world_size,
     )
+    nodes: list = [None] * env.world_size
+    torch.distributed.all_gather_object(nodes, node_name())
     if env.rank == 0:
         name = f" ({_device_name(device)})" if device.type == "cuda" else f", {threads} thread(s) per rank"
         print(
             f"neo: {env.world_size} rank(s) from {env.launcher}, {env.local_world_size} on this node; "
-            f"backend {backend()}; device {device}{name}; master {env.master_addr}:{env.master_port}",
+            f"backend {backend()}; device {device}{name}; master {master}",
             flush=True,
         )
+        if env.world_size > 1:
+            print(f"neo: ranks by node: {ranks_by_node(nodes)}", flush=True)
     return env
 
 
@@ -313,7 +468,7 @@ def _device_name(device) -> str:
 
 
 # Exit codes after which every rank reaches shutdown() together: finished, or saved for a requeue.
-_AGREED_EXITS = (0, 75)
+_AGREED_EXITS = (0, REQUEUE_EXIT)
 
 
 def shutdown(code: int) -> None:

@@ -1,8 +1,15 @@
-"""A throwaway one-node SLURM cluster on localhost, for tests of the sbatch scripts.
+"""A throwaway SLURM cluster on localhost, one node or several, for tests of the sbatch scripts.
 
     with LocalSlurm(tmp_path / "slurm") as cluster:      # munged, slurmctld, slurmd under tmp_path
         job = cluster.sbatch("slurm/train.sbatch", "ds_configs/models/tiny.yml", cwd=repo)
         info = cluster.wait(job, timeout=90)            # {'JobState': 'COMPLETED', 'ExitCode': '0:0', ...}
+
+    LocalSlurm(tmp_path / "slurm", nodes=["n1", "n2"])   # two nodes: one slurmd each, on one machine
+
+With several nodes, Debian's Slurm (built with multiple-slurmd support) runs one slurmd per node name,
+each on its own port, all with NodeAddr 127.0.0.1: ``sbatch --nodes 2`` then starts tasks on n1 and n2,
+as on a real cluster. Those names do not resolve as host names (nothing edits /etc/hosts), like node
+names on many real clusters: the jobs must find rank 0's address the way neo does, through SLURM.
 
 Everything (munge key, Slurm's config, state, spool, logs, pid files) lives in one scratch
 folder (munge's socket in a short folder of /tmp), on ports picked free: nothing system-wide
@@ -11,7 +18,7 @@ slurm-client munge`; ``unavailable_reason()`` says why a cluster cannot be had, 
 packages with apt-get when it can. Every wait has a wall-clock deadline and ``stop()`` always
 ends the daemons, with SIGKILL when they do not listen.
 
-By hand:  python tests/slurm_cluster.py /tmp/cluster   (starts it, prints the env, stops on Ctrl-C)
+By hand:  python tests/slurm_cluster.py /tmp/cluster [n1,n2]   (starts it, prints the env, stops on Ctrl-C)
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from neo.distributed import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo"]
@@ -78,12 +88,6 @@ def unavailable_reason(install: bool = True) -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
     try:
@@ -94,10 +98,13 @@ def _alive(pid: int) -> bool:
 
 
 class LocalSlurm:
-    def __init__(self, root: str | Path, cpus: int | None = None):
+    def __init__(self, root: str | Path, cpus: int | None = None, nodes: Sequence[str] = ()):
         self.root = Path(root).resolve()
-        self.node = socket.gethostname().split(".")[0]  # slurmctld accepts only this host's short name
-        # Jobs ask for 2 tasks; config_overrides lets the node offer more CPUs than the machine has.
+        self.host = socket.gethostname().split(".")[0]  # slurmctld accepts only this host's short name
+        # One node: named as the host. Several: the given names, all on this host.
+        self.nodes = list(nodes) or [self.host]
+        self.node = self.nodes[0]
+        # Jobs ask for 2 tasks a node; config_overrides lets a node offer more CPUs than the machine has.
         self.cpus = cpus or max(2, os.cpu_count() or 1)
         self.conf = self.root / "etc" / "slurm.conf"
         self.munge_socket: Path | None = None
@@ -122,22 +129,28 @@ class LocalSlurm:
         self.stop()
 
     def start(self, timeout: float = 30) -> None:
-        for sub in ("etc", "state", "spool", "log", "run", "munge"):
+        for sub in ("etc", "state", "log", "run", "munge", *(f"spool/{n}" for n in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
         self._write_conf()
         self._daemon(["slurmctld", "-f", str(self.conf)], self.root / "run" / "slurmctld.pid")
-        self._daemon(["slurmd", "-f", str(self.conf), "-N", self.node], self.root / "run" / "slurmd.pid")
+        for node in self.nodes:
+            self._daemon(
+                ["slurmd", "-f", str(self.conf), "-N", node], self.root / "run" / f"slurmd-{node}.pid"
+            )
+        self.wait_idle(timeout)
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until every node is idle (up, no job)."""
         deadline = time.monotonic() + timeout
-        state = ""
+        states: dict[str, str] = {}
         while time.monotonic() < deadline:
-            state = self._run(["sinfo", "-h", "-n", self.node, "-o", "%T"], check=False, timeout=5).strip()
-            if state == "idle":
+            out = self._run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False, timeout=5)
+            states = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+            if all(states.get(n) == "idle" for n in self.nodes):
                 return
             time.sleep(0.2)
-        raise ClusterError(
-            f"node {self.node} not idle after {timeout:.0f} s (state {state!r}); logs:\n" + self.logs()
-        )
+        raise ClusterError(f"nodes not idle after {timeout:.0f} s ({states}); logs:\n" + self.logs())
 
     def _start_munge(self) -> None:
         m = self.root / "munge"
@@ -169,14 +182,20 @@ class LocalSlurm:
         )
 
     def _write_conf(self) -> None:
-        r, node = self.root, self.node
+        r, host, cpus = self.root, self.host, self.cpus
+        # One slurmd per node, each with its own port, state and log (%n: the node's name).
+        nodes = "\n".join(
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus} Boards=1 "
+            f"SocketsPerBoard=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN"
+            for n in self.nodes
+        )
         # cred_expire: a requeued job may start again only cred_expire + 1 s later (default 120 s).
         # sched_interval=1 and batch_sched_delay=0: start jobs at once, not on the next 60 s pass.
         self.conf.write_text(f"""\
 ClusterName=neotest
-SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=root
 SlurmdUser=root
@@ -195,14 +214,13 @@ MpiDefault=none
 ReturnToService=2
 KillWait=30
 StateSaveLocation={r / "state"}
-SlurmdSpoolDir={r / "spool"}
+SlurmdSpoolDir={r / "spool" / "%n"}
 SlurmctldPidFile={r / "run" / "slurmctld.pid"}
-SlurmdPidFile={r / "run" / "slurmd.pid"}
+SlurmdPidFile={r / "run" / "slurmd-%n.pid"}
 SlurmctldLogFile={r / "log" / "slurmctld.log"}
-SlurmdLogFile={r / "log" / "slurmd.log"}
-NodeName={node} NodeAddr=127.0.0.1 CPUs={self.cpus} Boards=1 SocketsPerBoard=1 CoresPerSocket={self.cpus} \
-ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile={r / "log" / "slurmd-%n.log"}
+{nodes}
+PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _daemon(self, cmd: list[str], pidfile: Path, timeout: float = 15) -> None:
@@ -313,9 +331,24 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
             f"(state {info.get('JobState')!r})\n" + self.logs()
         )
 
+    def job_pids(self, job_id: int, node: str, command: str) -> list[int]:
+        """The processes of job ``job_id`` on ``node`` whose command line contains ``command``."""
+        want = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURMD_NODENAME={node}".encode()}
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                environ = set((proc / "environ").read_bytes().split(b"\0"))
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, ValueError):
+                continue
+            if want <= environ and command in cmdline and _alive(int(proc.name)):
+                pids.append(int(proc.name))
+        return sorted(pids)
+
     def logs(self, tail: int = 30) -> str:
         parts = []
-        for name in ("log/slurmctld.log", "log/slurmd.log", "munge/munged.log"):
+        names = ["log/slurmctld.log", *(f"log/slurmd-{n}.log" for n in self.nodes), "munge/munged.log"]
+        for name in names:
             p = self.root / name
             if p.exists():
                 lines = p.read_text(errors="replace").splitlines()[-tail:]
@@ -323,12 +356,52 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
         return "\n".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------- neo jobs
+def job_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """What a user's shell would export for a job: this interpreter as PYTHON, its deepspeed script."""
+    from runs import clean_env
+
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    return clean_env(
+        PYTHON=sys.executable,
+        DEEPSPEED=str(deepspeed if deepspeed.exists() else shutil.which("deepspeed") or "deepspeed"),
+        NEO_HOSTFILE=str(tmp / "hostfile"),
+        **extra,
+    )
+
+
+def read_log(log: Path) -> str:
+    return log.read_text(errors="replace") if log.exists() else "(no job log)"
+
+
+def wait_for_step(
+    cluster: LocalSlurm, job: int, run_dir: Path, log: Path, after: int, timeout: float
+) -> None:
+    """Until the run logs a step beyond ``after`` (it is training then, its signal handlers set)."""
+    from runs import records, steps
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(s > after for s in steps(records(run_dir))):
+            return
+        state = cluster.job(job).get("JobState")
+        if state in FINAL_STATES:
+            raise AssertionError(f"job {job} ended ({state}):\n{read_log(log)}")
+        time.sleep(0.2)
+    raise AssertionError(f"job {job} logged no step beyond {after} in {timeout} s:\n{read_log(log)}")
+
+
 if __name__ == "__main__":
     reason = unavailable_reason()
     if reason:
         sys.exit(f"no cluster: {reason}")
-    with LocalSlurm(sys.argv[1] if len(sys.argv) > 1 else "/tmp/neo-slurm") as c:
-        print(f"cluster up; in another shell:  export SLURM_CONF={c.conf}   (Ctrl-C stops it)", flush=True)
+    root = sys.argv[1] if len(sys.argv) > 1 else "/tmp/neo-slurm"
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else ()  # e.g. n1,n2: a node per name
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the daemons on kill, too
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    with LocalSlurm(root, nodes=names) as c:
+        print(f"cluster up ({', '.join(c.nodes)}); in another shell:  export SLURM_CONF={c.conf}", flush=True)
+        print(f"Ctrl-C (or kill {os.getpid()}) stops it", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:

@@ -19,6 +19,7 @@ def _check(cfg: Config, b: _Builder) -> None:
     _check_lora(cfg, b)
     _check_passthrough(cfg, b)
     _check_training(cfg, b)
+    _check_launch(cfg, b)
     _resolve_batch(cfg, b)
     _check_objective(cfg, b)
 
@@ -358,6 +359,16 @@ def _check_training(cfg: Config, b: _Builder) -> None:
             f"checkpoint.load_weights_only {w('checkpoint.load_weights_only')} needs checkpoint.load "
             "(the checkpoint to take the weights from)"
         )
+
+
+def _check_launch(cfg: Config, b: _Builder) -> None:
+    for key in ("rendezvous_timeout", "collective_timeout"):
+        value = getattr(cfg.launch, key)
+        if not value > 0:
+            b.problems.append(
+                f"launch.{key} = {value} {b.where('launch.' + key)} must be > 0 (seconds). Fix: a number of "
+                "seconds; there is no 'wait forever', so that a job that cannot go on fails instead of hanging."
+            )
 
 
 def _resolve_batch(cfg: Config, b: _Builder) -> None:

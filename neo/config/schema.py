@@ -196,6 +196,7 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=lambda: LaunchConfig())  # defined below
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra keys passed to DeepSpeed as they are
     seed: int = 1234
     # Filled by load_config: the data-parallel size the batch arithmetic was resolved for.
@@ -214,3 +215,15 @@ class Config:
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or os.path.join(self.logging.dir, "checkpoints")
+
+
+@dataclass
+class LaunchConfig:
+    """How long ranks wait for each other (seconds): a job that cannot start or loses a rank fails, not hangs."""
+
+    # seconds for all ranks to meet at MASTER_ADDR:MASTER_PORT, else the job fails naming host and port;
+    # raise it where ranks start far apart (a slow shared filesystem)
+    rendezvous_timeout: float = 30.0
+    # seconds a collective (all-reduce, barrier, ...) may wait for a peer before the job fails (torch's
+    # defaults: 10 min for NCCL, 30 for gloo); raise it if saving a checkpoint takes longer
+    collective_timeout: float = 600.0

@@ -416,7 +416,7 @@ def train(cfg: Config) -> int:
     """Run training for a validated config in this process (one rank of the job)."""
     from neo import distributed
 
-    env = distributed.init()
+    env = distributed.init(cfg.launch.rendezvous_timeout, cfg.launch.collective_timeout)
     if env.world_size != cfg.world_size:
         raise LaunchError(f"the config was resolved for world size {cfg.world_size} but the job has "
                           f"{env.world_size} processes")  # fmt: skip

@@ -75,7 +75,9 @@ def _zero3(rank: int, world: int) -> dict:
     p = engine.module.layers[0].word_embeddings.weight
     shape, size, group = ds_compat.zero3_partition(p, opt)
     assert shape == (256, 64) and size == 256 * 64 // 2 and torch.distributed.get_world_size(group) == 2
-    assert ds_compat.param_numel(p) == 256 * 64  # its full size, whether ZeRO-3 partitioned it or kept it whole
+    assert (
+        ds_compat.param_numel(p) == 256 * 64
+    )  # its full size, whether ZeRO-3 partitioned it or kept it whole
     with ds_compat.gathered_parameters([p]):
         assert tuple(p.shape) == (256, 64)
     return {"ok": True}

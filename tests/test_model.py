@@ -230,24 +230,24 @@ def test_flops_per_token_formula():
 def test_activation_checkpointing_recomputes_segments_of_n_blocks_with_the_same_gradients(
     monkeypatch, interval, segments
 ):
-    """parallel.activation_checkpoint_interval = N in the plain form: the 4 blocks run as checkpointed
+    """parallel.activation_checkpoint: full with every_n = N in the plain form: the 4 blocks run as checkpointed
     segments of N (the last may be shorter), and the loss and every gradient are those without it."""
-    import neo.model.gpt as gpt
+    import neo.parallel.random as tp_random
 
     args = ModelArgs(n_layers=4, hidden_size=32, n_heads=4, vocab_size=128, hidden_dropout=0.0)
     tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads(n: int):
-        model = GPT(args, seed=3, checkpoint_interval=n).train()
+        model = GPT(args, seed=3, recompute="full" if n else "none", every_n=max(n, 1)).train()
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
     calls = []
-    real = gpt.checkpoint
-    monkeypatch.setattr(gpt, "checkpoint", lambda fn, *a, **k: calls.append(len(a[0])) or real(fn, *a, **k))
+    real = tp_random.checkpoint
+    monkeypatch.setattr(tp_random, "checkpoint", lambda fn, *a: calls.append(len(a[0])) or real(fn, *a))
     loss, grads = loss_and_grads(interval)
     assert len(calls) == segments and sum(calls) == 4
-    monkeypatch.setattr(gpt, "checkpoint", real)
+    monkeypatch.setattr(tp_random, "checkpoint", real)
     ref_loss, ref_grads = loss_and_grads(0)
     assert loss == ref_loss and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)

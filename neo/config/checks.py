@@ -58,7 +58,7 @@ def _check_sizes(cfg: Config, b: _Builder) -> bool:
             positive("parallel.pp", par.pp),
         ]
     )
-    positive("parallel.activation_checkpoint_interval", par.activation_checkpoint_interval, allow_zero=True)
+    positive("parallel.every_n", par.every_n)
     positive("model.loss_chunk_size", m.loss_chunk_size, allow_zero=True)
     positive("model.sliding_window", m.sliding_window)
     return sizes_ok

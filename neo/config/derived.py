@@ -67,7 +67,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "wall_clock_breakdown": False,
     }
     if cfg.parallel.pp > 1:
-        ds["pipeline"] = {"activation_checkpoint_interval": cfg.parallel.activation_checkpoint_interval}
+        full = cfg.parallel.activation_checkpoint == "full"
+        ds["pipeline"] = {"activation_checkpoint_interval": cfg.parallel.every_n if full else 0}
     return _deep_update(ds, cfg.deepspeed)
 
 

@@ -19,8 +19,11 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages; 1 means no pipeline
     # how layers are split into stages: "parameters", "uniform" or "type:<regex>" (e.g. "type:Block")
     partition_method: str = "parameters"
-    # recompute activations in the backward pass: 0 off, else in segments of N blocks (each keeps only its input)
-    activation_checkpoint_interval: int = 0
+    # recompute activations in the backward pass instead of keeping them: "full" keeps only the input of each
+    # segment of every_n blocks; "selective" recomputes only the attention core (softmax(QK^T) V: the s x s
+    # scores), keeping the linears' outputs (Megatron's choice, Korthikanti et al. 2022)
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    every_n: int = 1  # full: blocks per recomputed segment
 
 
 @dataclass

@@ -46,7 +46,9 @@ def peft_modules(fam, base_state: dict[str, torch.Tensor], args: ModelArgs, adap
 def adapter_tensors(modules: dict, adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for hf_module, (module, rows) in modules.items():
-        out[f"base_model.model.{hf_module}.lora_A.weight"] = adapters[f"{module}.lora_A"].clone()  # q, k, v share A
+        out[f"base_model.model.{hf_module}.lora_A.weight"] = adapters[
+            f"{module}.lora_A"
+        ].clone()  # q, k, v share A
         out[f"base_model.model.{hf_module}.lora_B.weight"] = adapters[f"{module}.lora_B"][rows].contiguous()
     return out
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from neo.model.args import ModelArgs
 from neo.model.heads import Head, HeadOps, PipelineHead, PipelineScoreHead, ScoreHead, mean_loss
 from neo.model.layers import Block, Context, LearnedPositions, init_stds, make_norm, sinusoidal_table
+from neo.parallel import random as tp_random
 from neo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from neo.parallel.layers import VocabParallelEmbedding
 
@@ -121,14 +121,15 @@ class Spec:
     forward_fn: Any = None  # for the tied head: call this instead of forward
 
 
-def layer_specs(args: ModelArgs, tp_group=None) -> list[Spec]:
+def layer_specs(args: ModelArgs, tp_group=None, recompute_core: bool = False) -> list[Spec]:
     """embedding, blocks, final norm, head: the single description of the model."""
     if args.vocab_size is None:
         raise ValueError("ModelArgs.vocab_size must be set (the padded vocabulary of the tokenizer)")
     emb = Spec(
         Embedding, dict(args=args, tp_group=tp_group), tie_key="embed" if args.tie_embeddings else None
     )
-    blocks = [Spec(Block, dict(args=args, layer_number=i, tp_group=tp_group)) for i in range(args.n_layers)]
+    blocks = [Spec(Block, dict(args=args, layer_number=i, tp_group=tp_group, recompute_core=recompute_core))
+              for i in range(args.n_layers)]  # fmt: skip
     if args.head == "score":
         head = Spec(ScoreHead, dict(args=args, tp_group=tp_group))
     elif args.tie_embeddings:
@@ -161,13 +162,17 @@ class GPT(nn.Module):
     tokens (``model.loss_chunk_size``), so the full logits are never held.
     """
 
-    def __init__(self, args: ModelArgs, *, tp_group=None, seed: int = 1234, checkpoint_interval: int = 0):
+    def __init__(self, args: ModelArgs, *, tp_group=None, seed: int = 1234, recompute: str = "none",
+                 every_n: int = 1):  # fmt: skip
         super().__init__()
-        self.args, self.tp_group, self.checkpoint_interval = args, tp_group, checkpoint_interval
+        self.args, self.tp_group = args, tp_group
+        # activation recomputation: "full" keeps only the input of each segment of every_n blocks; "selective"
+        # recomputes the attention core alone (Attention.recompute_core)
+        self.checkpoint_interval = every_n if recompute == "full" else 0
         self.loss_fn = mean_loss  # fn(head, hidden, labels) -> loss; see ``set_loss``
         tied: dict[str, nn.Module] = {}
         layers = []
-        for index, spec in enumerate(layer_specs(args, tp_group)):
+        for index, spec in enumerate(layer_specs(args, tp_group, recompute == "selective")):
             if spec.tie_key is not None and spec.tie_key in tied:
                 layers.append(_TiedCall(tied[spec.tie_key], spec.forward_fn))
                 continue
@@ -191,7 +196,7 @@ class GPT(nn.Module):
         while i < len(body):
             if n and isinstance(body[i], Block):  # a segment of up to n blocks, recomputed in backward
                 segment = [layer for layer in body[i : i + n] if isinstance(layer, Block)]
-                x = checkpoint(_run_segment, segment, x, ctx, use_reentrant=False)
+                x = tp_random.checkpoint(_run_segment, segment, x, ctx)
                 i += len(segment)
                 continue
             x = body[i](x, ctx)
@@ -308,14 +313,8 @@ class PipelineFinalNorm(FinalNorm):
 _PIPELINE_FORM = {Embedding: PipelineEmbedding, Block: PipelineBlock, FinalNorm: PipelineFinalNorm}
 
 
-def pipeline_module(
-    args: ModelArgs,
-    topo,
-    *,
-    seed: int = 1234,
-    partition_method: str = "parameters",
-    checkpoint_interval: int = 0,
-):
+def pipeline_module(args: ModelArgs, topo, *, seed: int = 1234, partition_method: str = "parameters",
+                    recompute: str = "none", every_n: int = 1):  # fmt: skip
     """The pipeline (pp > 1) form: the same layer specs as DeepSpeed ``LayerSpec``s in a ``PipelineModule``.
 
     Each stage builds only its layers; each layer is initialised from its own (seed, index) generator,
@@ -327,7 +326,7 @@ def pipeline_module(
 
     from neo import ds_compat
 
-    *body, head = layer_specs(args, topo.tensor_group)
+    *body, head = layer_specs(args, topo.tensor_group, recompute == "selective")
     if head.tie_key:
         head = replace(head, forward_fn=_pass_hidden)
     else:
@@ -353,7 +352,8 @@ def pipeline_module(
         topology=topo.deepspeed_topology(),
         loss_fn=loss,
         partition_method=partition_method,
-        activation_checkpoint_interval=checkpoint_interval,
+        activation_checkpoint_interval=every_n if recompute == "full" else 0,
+        activation_checkpoint_func=tp_random.checkpoint,
         checkpointable_layers=["PipelineBlock"],
     )
     loss.head = ds_compat.pipeline_last_layer(module, head.tie_key)

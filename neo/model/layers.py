@@ -209,9 +209,13 @@ class Attention(nn.Module):
         tp_group=None,
         small_std: float = 0.02,
         out_std: float = 0.02,
+        recompute_core: bool = False,
     ):
         super().__init__()
         h, tp, kv = args.hidden_size, group_size(tp_group), args.kv_heads
+        # selective recomputation (Korthikanti et al. 2022): the attention core's activations (the s x s
+        # scores, softmax, dropout mask) are recomputed in backward; the linears' outputs are kept
+        self.recompute_core = recompute_core
         if args.n_heads % kv:
             raise ValueError(f"n_heads = {args.n_heads} is not divisible by n_kv_heads = {kv}")
         if kv % tp:
@@ -260,9 +264,18 @@ class Attention(nn.Module):
             k, v, columns = ctx.cache.update(self.layer_number, k, v, self.window)
         mask = self._mask(ctx, s, k.shape[2], columns, x.device)
         dropout = self.dropout if self.training else 0.0
-        rng = tp_random.fork() if dropout and self.split_heads else contextlib.nullcontext()
-        with rng:
-            out = self._attend(q, k, v, mask, dropout, self.group > 1)
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            rng = tp_random.fork() if dropout and self.split_heads else contextlib.nullcontext()
+            with rng:
+                return self._attend(q, k, v, mask, dropout, self.group > 1)
+
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            out = tp_random.checkpoint(
+                core, q, k, v
+            )  # selective recomputation: softmax(QK^T) V again in backward
+        else:
+            out = core(q, k, v)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * d))
 
     def _rotate(self, q: torch.Tensor, k: torch.Tensor, ctx: Context | None):
@@ -346,14 +359,14 @@ class Block(nn.Module):
     In the parallel form both row-parallel outputs are summed before a single all-reduce.
     """
 
-    def __init__(self, args: ModelArgs, layer_number: int, tp_group=None):
+    def __init__(self, args: ModelArgs, layer_number: int, tp_group=None, recompute_core: bool = False):
         super().__init__()
         small, out = init_stds(args)
         self.tp_group = tp_group
         self.parallel_residual = args.parallel_residual
         self.input_layernorm = make_norm(args.norm, args.hidden_size, args.norm_eps)
         self.post_attention_layernorm = make_norm(args.norm, args.hidden_size, args.norm_eps)
-        self.attention = Attention(args, layer_number, tp_group, small, out)
+        self.attention = Attention(args, layer_number, tp_group, small, out, recompute_core)
         self.mlp = MLP(args, tp_group, small, out)
         self.dropout = nn.Dropout(args.hidden_dropout)
 

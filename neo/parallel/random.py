@@ -51,3 +51,28 @@ def get_state() -> dict[str, torch.Tensor]:
 def set_state(state: dict[str, torch.Tensor]) -> None:
     _state.clear()
     _state.update(state)
+
+
+def checkpoint(function, *args):
+    """Recompute ``function(*args)`` in the backward pass instead of keeping its activations (torch's
+    non-reentrant checkpoint), with the same random draws both times: torch's default stream is replayed by
+    torch itself, and the tensor-parallel dropout stream here is replayed by hand (set back to where it was at
+    the first call for the recomputation, then returned to where the rest of the step has taken it). Without
+    that, dropout on split heads would draw new masks in the recomputation, and the gradients would be wrong.
+    The signature is DeepSpeed's ``activation_checkpoint_func``, so the pipeline form uses it too."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    saved, calls = get_state(), [0]
+
+    def run(*inputs):
+        calls[0] += 1
+        if calls[0] == 1:
+            return function(*inputs)
+        current = get_state()
+        set_state(saved)
+        try:
+            return function(*inputs)
+        finally:
+            set_state(current)
+
+    return torch_checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)

@@ -110,6 +110,11 @@ def test_wrong_type(tmp_path):
         ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "set zero.stage instead"),
         ({"model": {"rotary_pct": 0.2, "hidden_size": 64, "n_heads": 4}}, "odd rotary dimension"),
         ({"precision": "bf16", "parallel": {"pp": 2}, "model": {"n_layers": 4}}, "set zero.stage: 1"),
+        ({"parallel": {"sequence_parallel": True}}, "Fix: set parallel.tp >= 2, or sequence_parallel: false"),
+        (
+            {"parallel": {"sequence_parallel": True, "tp": 2}, "model": {"seq_length": 127}},
+            "model.seq_length = 127 (set in",
+        ),
     ],
 )
 def test_impossible_combinations_name_key_file_and_fix(tmp_path, data, expected):

@@ -59,13 +59,19 @@ def ref(sample_tokens, tmp_path_factory):
                 "parallel.activation_checkpoint=selective",
             ),
         ),
-        (
+        (  # pp2 x tp2 x dp2, sequence parallel: DeepSpeed sends each rank's own part of the sequence
             8,
-            ("parallel.pp=2", "parallel.tp=2", "zero.stage=1", "batch.micro_batch_size=2"),
-        ),  # pp2 x tp2 x dp2
+            (
+                "parallel.pp=2",
+                "parallel.tp=2",
+                "zero.stage=1",
+                "batch.micro_batch_size=2",
+                "parallel.sequence_parallel=true",
+            ),
+        ),
         (2, ("parallel.pp=2", "parallel.partition_method=uniform", "batch.micro_batch_size=4")),
     ],
-    ids=["pp2", "pp2-8micro", "pp2-zero1", "pp2xdp2", "pp2xtp2", "pp2xtp2xdp2", "pp2-uniform"],
+    ids=["pp2", "pp2-8micro", "pp2-zero1", "pp2xdp2", "pp2xtp2", "pp2xtp2xdp2-sp", "pp2-uniform"],
 )
 def test_pipeline_equals_single_process(ref, sample_tokens, tmp_path, nproc, extra):
     """fp32, 10 steps: train and validation losses within 1e-4 relative of one process."""

@@ -63,7 +63,7 @@ def test_selective_recomputes_only_the_attention_core(monkeypatch):
         staticmethod(lambda *a, **k: calls.__setitem__("core", calls["core"] + 1) or core(*a, **k)),
     )
     monkeypatch.setattr(
-        MLP, "forward", lambda self, x: calls.__setitem__("mlp", calls["mlp"] + 1) or mlp(self, x)
+        MLP, "forward", lambda self, *a: calls.__setitem__("mlp", calls["mlp"] + 1) or mlp(self, *a)
     )
     grads("selective", 1)
     assert calls == {"core": 2 * ARGS.n_layers, "mlp": ARGS.n_layers}  # the core twice, the MLP once

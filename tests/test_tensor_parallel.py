@@ -242,9 +242,11 @@ def tp_reference(sample_tokens, tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_tp2_training_equals_single_process(tp_reference, sample_tokens, tmp_path, zero):
-    """tp = 2 on 2 processes gives the tp = 1 loss curve (fp32, 1e-4 relative), with each ZeRO stage."""
+@pytest.mark.parametrize("zero, sp", [(0, False), (1, False), (2, False), (3, False), (3, True)],
+                         ids=["zero0", "zero1", "zero2", "zero3", "zero3-sequence-parallel"])  # fmt: skip
+def test_tp2_training_equals_single_process(tp_reference, sample_tokens, tmp_path, zero, sp):
+    """tp = 2 on 2 processes gives the tp = 1 loss curve (fp32, 1e-4 relative), with each ZeRO stage, and with
+    sequence parallelism."""
     from runs import run_training
 
     run = run_training(
@@ -252,25 +254,30 @@ def test_tp2_training_equals_single_process(tp_reference, sample_tokens, tmp_pat
         f"data.train_paths=[{sample_tokens}]",
         *TRAIN,
         "parallel.tp=2",
+        f"parallel.sequence_parallel={str(sp).lower()}",
         f"zero.stage={zero}",
         "batch.global_batch_size=8",
         "batch.micro_batch_size=4",
         nproc=2,
     )
     assert "dp 1 x tp 2" in run.output
+    assert ("neo: sequence parallelism" in run.output) == sp
     assert rel_curve(run.losses, tp_reference.losses) <= 1e-4
     assert rel_curve(run.valid_losses, tp_reference.valid_losses) <= 1e-4
 
 
-def test_tp4_equals_single_process(tp_reference, sample_tokens, tmp_path):
-    """tp = 4 on 4 processes: GPT-2's vocabulary is padded to the same 50,304 rows as at tp = 1 (12,576 per
-    rank), so the loss curve is the single-process one (fp32, 1e-4 relative). With the padding rounded to
-    128 x tp (GPT-NeoX's rule) the vocabulary would be 50,688 rows: the loss sits 7.7e-4 off (measured)."""
+def test_tp4_sequence_parallel_equals_single_process(tp_reference, sample_tokens, tmp_path):
+    """tp = 4 on 4 processes, with sequence parallelism (plain tp = 4 is test_sequence_parallel's reference):
+    GPT-2's vocabulary is padded to the same 50,304 rows as at tp = 1 (12,576 per rank), so the loss curve is the
+    single-process one (fp32, 1e-4 relative). With the padding rounded to 128 x tp (GPT-NeoX's rule) the
+    vocabulary would be 50,688 rows: the loss sits 7.7e-4 off (measured)."""
     from runs import run_training
 
     run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *TRAIN, "parallel.tp=4", "model.n_heads=4",
-                       "batch.global_batch_size=8", "batch.micro_batch_size=8", nproc=4)  # fmt: skip
+                       "parallel.sequence_parallel=true", "batch.global_batch_size=8", "batch.micro_batch_size=8",
+                       nproc=4)  # fmt: skip
     assert "dp 1 x tp 4" in run.output and "vocab 50304" in run.output
+    assert "neo: sequence parallelism" in run.output
     assert rel_curve(run.losses, tp_reference.losses) <= 1e-4
     assert rel_curve(run.valid_losses, tp_reference.valid_losses) <= 1e-4
 

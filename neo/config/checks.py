@@ -148,6 +148,18 @@ def _check_parallel(cfg: Config, b: _Builder) -> None:
                 f"{par.tp} {w('parallel.tp')}: neo splits key/value heads across tensor-parallel ranks and does "
                 "not replicate them. Fix: choose a tp that divides n_kv_heads."
             )
+    if par.sequence_parallel and par.tp == 1:
+        p.append(
+            f"parallel.sequence_parallel = true {w('parallel.sequence_parallel')} splits the sequence across "
+            f"tensor-parallel ranks, but parallel.tp = 1 {w('parallel.tp')}. Fix: set parallel.tp >= 2, or "
+            "sequence_parallel: false."
+        )
+    elif par.sequence_parallel and m.seq_length % par.tp:
+        p.append(
+            f"model.seq_length = {m.seq_length} {w('model.seq_length')} is not divisible by parallel.tp = "
+            f"{par.tp} {w('parallel.tp')}, which parallel.sequence_parallel splits it by. Fix: choose a "
+            "seq_length that tp divides, or sequence_parallel: false."
+        )
     if par.pp > m.n_layers + 2:
         p.append(
             f"parallel.pp = {par.pp} {w('parallel.pp')} is more stages than layers to place "

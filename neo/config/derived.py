@@ -69,6 +69,10 @@ def deepspeed_config(cfg: Config) -> dict:
     if cfg.parallel.pp > 1:
         full = cfg.parallel.activation_checkpoint == "full"
         ds["pipeline"] = {"activation_checkpoint_interval": cfg.parallel.every_n if full else 0}
+        if (
+            cfg.parallel.sequence_parallel
+        ):  # DeepSpeed would send 1/tp of each (assumed replicated) activation
+            ds["pipeline"].update(pipe_partitioned=False, grad_partitioned=False)  # and gather them: not ours
     return _deep_update(ds, cfg.deepspeed)
 
 

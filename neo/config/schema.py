@@ -24,6 +24,10 @@ class ParallelConfig:
     # scores), keeping the linears' outputs (Megatron's choice, Korthikanti et al. 2022)
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     every_n: int = 1  # full: blocks per recomputed segment
+    # Megatron's sequence parallelism (tp > 1): norms, dropout and the residual stream between the
+    # tensor-parallel layers hold 1/tp of the sequence on each rank, gathered and reduce-scattered around them
+    # (same communication as plain tensor parallelism, those activations tp times smaller)
+    sequence_parallel: bool = False
 
 
 @dataclass

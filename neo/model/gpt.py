@@ -17,17 +17,31 @@ from torch import nn
 
 from neo.model.args import ModelArgs
 from neo.model.heads import Head, HeadOps, PipelineHead, PipelineScoreHead, ScoreHead, mean_loss
-from neo.model.layers import Block, Context, LearnedPositions, init_stds, make_norm, sinusoidal_table
+from neo.model.layers import (
+    Block,
+    Context,
+    LearnedPositions,
+    init_stds,
+    make_norm,
+    sequence_split,
+    sinusoidal_table,
+    split_region_dropout,
+)
 from neo.parallel import random as tp_random
 from neo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from neo.parallel.layers import VocabParallelEmbedding
+from neo.parallel.mappings import first_rank_only, gather_sequence, group_size, reduce_scatter_to_sequence
 
 
 class Embedding(HeadOps, nn.Module):
-    """Token (+ learned or sinusoidal position) embedding; also the tied output head."""
+    """Token (+ learned or sinusoidal position) embedding; also the tied output head.
 
-    def __init__(self, args: ModelArgs, tp_group=None):
+    Under sequence parallelism the vocabulary-split partial sums are reduce-scattered along the sequence
+    instead of all-reduced, the positions added once (on the first rank) before that sum."""
+
+    def __init__(self, args: ModelArgs, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
         std = init_stds(args)[0]
         self.word_embeddings = VocabParallelEmbedding(
             args.vocab_size, args.hidden_size, init_std=std, tp_group=tp_group
@@ -47,7 +61,8 @@ class Embedding(HeadOps, nn.Module):
         self.dropout = nn.Dropout(args.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
-        x = self.word_embeddings(tokens)
+        sp = sequence_split(self.sequence_parallel, ctx)
+        x = self.word_embeddings(tokens, reduce=not sp)
         if self.kind in ("learned", "sinusoidal"):
             positions = (
                 ctx.positions
@@ -57,8 +72,10 @@ class Embedding(HeadOps, nn.Module):
             pos = (
                 self.position_embeddings(positions) if self.kind == "learned" else self.sinusoidal[positions]
             )
-            x = x + pos.to(x.dtype)
-        return self.dropout(x)
+            x = x + (first_rank_only(pos.to(x.dtype), self.tp_group) if sp else pos.to(x.dtype))
+        if sp:
+            x = reduce_scatter_to_sequence(x, self.tp_group)
+        return split_region_dropout(self.dropout, x, sp)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings.logits(hidden)
@@ -74,12 +91,19 @@ class Embedding(HeadOps, nn.Module):
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """The last norm; under sequence parallelism it gathers the whole sequence for the head (which every
+    tensor-parallel rank computes over its slice of the vocabulary, and objectives read at any position)."""
+
+    def __init__(self, args: ModelArgs, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
-        self.final_layer_norm = make_norm(args.norm, args.hidden_size, args.norm_eps)
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
+        self.final_layer_norm = make_norm(args.norm, args.hidden_size, args.norm_eps, tp_group)
 
     def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
-        return self.final_layer_norm(x)
+        if not sequence_split(self.sequence_parallel, ctx):
+            return self.final_layer_norm(x)
+        return gather_sequence(self.final_layer_norm(x, True), self.tp_group)
 
 
 def _tied_head(embedding: Embedding, x: torch.Tensor, labels=None, loss_fn=None) -> torch.Tensor:
@@ -121,22 +145,23 @@ class Spec:
     forward_fn: Any = None  # for the tied head: call this instead of forward
 
 
-def layer_specs(args: ModelArgs, tp_group=None, recompute_core: bool = False) -> list[Spec]:
+def layer_specs(args: ModelArgs, tp_group=None, recompute_core: bool = False, sequence_parallel: bool = False
+                ) -> list[Spec]:  # fmt: skip
     """embedding, blocks, final norm, head: the single description of the model."""
     if args.vocab_size is None:
         raise ValueError("ModelArgs.vocab_size must be set (the padded vocabulary of the tokenizer)")
-    emb = Spec(
-        Embedding, dict(args=args, tp_group=tp_group), tie_key="embed" if args.tie_embeddings else None
-    )
-    blocks = [Spec(Block, dict(args=args, layer_number=i, tp_group=tp_group, recompute_core=recompute_core))
-              for i in range(args.n_layers)]  # fmt: skip
+    split = dict(args=args, tp_group=tp_group, sequence_parallel=sequence_parallel)
+    emb = Spec(Embedding, split, tie_key="embed" if args.tie_embeddings else None)
+    blocks = [
+        Spec(Block, dict(split, layer_number=i, recompute_core=recompute_core)) for i in range(args.n_layers)
+    ]
     if args.head == "score":
         head = Spec(ScoreHead, dict(args=args, tp_group=tp_group))
     elif args.tie_embeddings:
-        head = Spec(Embedding, dict(args=args, tp_group=tp_group), tie_key="embed", forward_fn=_tied_head)
+        head = Spec(Embedding, split, tie_key="embed", forward_fn=_tied_head)
     else:
         head = Spec(Head, dict(args=args, tp_group=tp_group))
-    return [emb, *blocks, Spec(FinalNorm, dict(args=args)), head]
+    return [emb, *blocks, Spec(FinalNorm, split), head]
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -160,19 +185,25 @@ class GPT(nn.Module):
     ``forward(tokens)`` returns this rank's logits (vocabulary-split under TP);
     ``forward(tokens, labels)`` returns the mean loss, from the head and loss fused over chunks of
     tokens (``model.loss_chunk_size``), so the full logits are never held.
+    ``sequence_parallel`` (tp > 1) splits the activations between the tensor-parallel layers along the
+    sequence; a sequence whose length tp does not divide is padded at its end for the blocks (causal
+    attention: no real position sees the padding) and cut back before the head.
     """
 
     def __init__(self, args: ModelArgs, *, tp_group=None, seed: int = 1234, recompute: str = "none",
-                 every_n: int = 1):  # fmt: skip
+                 every_n: int = 1, sequence_parallel: bool = False):  # fmt: skip
         super().__init__()
         self.args, self.tp_group = args, tp_group
+        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
         # activation recomputation: "full" keeps only the input of each segment of every_n blocks; "selective"
         # recomputes the attention core alone (Attention.recompute_core)
         self.checkpoint_interval = every_n if recompute == "full" else 0
         self.loss_fn = mean_loss  # fn(head, hidden, labels) -> loss; see ``set_loss``
         tied: dict[str, nn.Module] = {}
         layers = []
-        for index, spec in enumerate(layer_specs(args, tp_group, recompute == "selective")):
+        for index, spec in enumerate(
+            layer_specs(args, tp_group, recompute == "selective", sequence_parallel)
+        ):
             if spec.tie_key is not None and spec.tie_key in tied:
                 layers.append(_TiedCall(tied[spec.tie_key], spec.forward_fn))
                 continue
@@ -189,6 +220,9 @@ class GPT(nn.Module):
         if isinstance(tokens, (tuple, list)):  # packed examples: (tokens, positions, segments)
             tokens, positions, segments = tokens
             ctx = Context(positions=positions, mask=segment_mask(segments))
+        length = tokens.shape[1]
+        if sequence_split(self.sequence_parallel, ctx) and length % group_size(self.tp_group):
+            tokens, ctx = pad_sequence(tokens, ctx, group_size(self.tp_group))
         x = tokens
         *body, head = self.layers
         n = self.checkpoint_interval if self.training else 0
@@ -201,7 +235,35 @@ class GPT(nn.Module):
                 continue
             x = body[i](x, ctx)
             i += 1
+        if x.shape[1] != length:
+            x = x[:, :length]
         return head(x, ctx, labels=labels, loss_fn=self.loss_fn)
+
+
+def pad_sequence(
+    tokens: torch.Tensor, ctx: Context | None, multiple: int
+) -> tuple[torch.Tensor, Context | None]:
+    """``tokens`` [b, s] padded at the end to a multiple of ``multiple`` positions, and the context with them:
+    positions continue, and each padding query attends to itself alone (no real query sees it). Nothing
+    before the padding changes, and the caller cuts the hidden states back to s."""
+    b, s = tokens.shape
+    pad = -s % multiple
+    tokens = torch.cat((tokens, tokens.new_zeros(b, pad)), dim=1)
+    if ctx is None or (ctx.positions is None and ctx.mask is None):
+        return tokens, ctx
+    positions = ctx.positions
+    if positions is not None:
+        positions = torch.cat(
+            (positions, positions[:, -1:] + torch.arange(1, pad + 1, device=tokens.device)), 1
+        )
+    mask = ctx.mask
+    if mask is not None:
+        full = (
+            torch.eye(s + pad, dtype=torch.bool, device=mask.device).expand(mask.shape[0], 1, -1, -1).clone()
+        )
+        full[..., :s, :s] = mask
+        mask = full
+    return tokens, Context(positions=positions, mask=mask)
 
 
 def segment_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -314,7 +376,7 @@ _PIPELINE_FORM = {Embedding: PipelineEmbedding, Block: PipelineBlock, FinalNorm:
 
 
 def pipeline_module(args: ModelArgs, topo, *, seed: int = 1234, partition_method: str = "parameters",
-                    recompute: str = "none", every_n: int = 1):  # fmt: skip
+                    recompute: str = "none", every_n: int = 1, sequence_parallel: bool = False):  # fmt: skip
     """The pipeline (pp > 1) form: the same layer specs as DeepSpeed ``LayerSpec``s in a ``PipelineModule``.
 
     Each stage builds only its layers; each layer is initialised from its own (seed, index) generator,
@@ -326,7 +388,7 @@ def pipeline_module(args: ModelArgs, topo, *, seed: int = 1234, partition_method
 
     from neo import ds_compat
 
-    *body, head = layer_specs(args, topo.tensor_group, recompute == "selective")
+    *body, head = layer_specs(args, topo.tensor_group, recompute == "selective", sequence_parallel)
     if head.tie_key:
         head = replace(head, forward_fn=_pass_hidden)
     else:

@@ -18,24 +18,63 @@ from torch import nn
 from neo.model.args import ModelArgs, RopeScaling
 from neo.parallel import random as tp_random
 from neo.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_slice_
-from neo.parallel.mappings import group_size, reduce_from_region
+from neo.parallel.mappings import (
+    copy_to_region,
+    gather_from_sequence,
+    group_size,
+    reduce_from_region,
+    reduce_scatter_to_sequence,
+)
+
+
+def sequence_split(enabled: bool, ctx: Context | None) -> bool:
+    """Whether this call runs sequence-parallel: ``enabled`` for the model, and not decoding from a KV cache
+    (a decoding step's one new position cannot be split). Every layer of one forward pass decides alike."""
+    return enabled and (ctx is None or ctx.cache is None)
+
+
+def split_region_dropout(dropout: nn.Dropout, x: torch.Tensor, split: bool) -> torch.Tensor:
+    """Dropout on activations that are split along the sequence draws a mask per rank (the tensor-parallel
+    stream, like dropout on split heads); on replicated ones, the same mask everywhere (the default stream)."""
+    if not (split and dropout.p and dropout.training):
+        return dropout(x)
+    with tp_random.fork():
+        return dropout(x)
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (LLaMA-style alternative to LayerNorm)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, tp_group=None):
         super().__init__()
-        self.eps = eps
+        self.eps, self.tp_group = eps, tp_group
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """``sequence_parallel``: ``x`` is this rank's part of the sequence, so the weight's gradient is a partial
+        sum that the group adds up (``copy_to_region``); every rank then holds the same replicated weight."""
+        weight = copy_to_region(self.weight, self.tp_group) if sequence_parallel else self.weight
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * weight
 
 
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm, whose weight and bias sum their gradients over the tensor-parallel group under
+    sequence parallelism (see ``RMSNorm.forward``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, tp_group=None):
+        super().__init__(dim, eps=eps)
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        if not sequence_parallel:
+            return super().forward(x)
+        weight, bias = (copy_to_region(p, self.tp_group) for p in (self.weight, self.bias))
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+def make_norm(kind: str, dim: int, eps: float, tp_group=None) -> nn.Module:
+    return RMSNorm(dim, eps, tp_group) if kind == "rmsnorm" else LayerNorm(dim, eps, tp_group)
 
 
 class Rotary(nn.Module):
@@ -213,6 +252,7 @@ class Attention(nn.Module):
     ):
         super().__init__()
         h, tp, kv = args.hidden_size, group_size(tp_group), args.kv_heads
+        self.tp_group = tp_group
         # selective recomputation (Korthikanti et al. 2022): the attention core's activations (the s x s
         # scores, softmax, dropout mask) are recomputed in backward; the linears' outputs are kept
         self.recompute_core = recompute_core
@@ -247,10 +287,15 @@ class Attention(nn.Module):
             Rotary(args.rotary_dim, args.rotary_base, args.rope_scaling) if args.rotary_dim else None
         )
 
-    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: Context | None = None, sequence_parallel: bool = False
+    ) -> torch.Tensor:
+        """``sequence_parallel``: ``x`` is this rank's part of the sequence, and so is the output."""
+        if sequence_parallel:
+            x = gather_from_sequence(x, self.tp_group)
         b, s, _ = x.shape
         d = self.head_dim
-        qkv = self.query_key_value(x).view(b, s, self.local_groups, (self.group + 2) * d)
+        qkv = self.query_key_value(x, sequence_parallel).view(b, s, self.local_groups, (self.group + 2) * d)
         if self.group == 1:
             q, k, v = qkv.transpose(1, 2).split(d, dim=-1)
         else:
@@ -276,7 +321,7 @@ class Attention(nn.Module):
             )  # selective recomputation: softmax(QK^T) V again in backward
         else:
             out = core(q, k, v)
-        return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * d))
+        return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * d), sequence_parallel)
 
     def _rotate(self, q: torch.Tensor, k: torch.Tensor, ctx: Context | None):
         positions = ctx.positions if ctx is not None and ctx.positions is not None else None
@@ -331,7 +376,7 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, tp_group=None, small_std: float = 0.02, out_std: float = 0.02):
         super().__init__()
         h, f = args.hidden_size, args.ffn_size
-        self.swiglu = args.activation == "swiglu"
+        self.tp_group, self.swiglu = tp_group, args.activation == "swiglu"
         bias = args.bias
         self.dense_h_to_4h = ColumnParallelLinear(h, f, bias=bias, init_std=small_std, tp_group=tp_group)
         if self.swiglu:
@@ -340,10 +385,15 @@ class MLP(nn.Module):
             f, h, bias=bias, init_std=out_std, reduce_output=not args.parallel_residual, tp_group=tp_group
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up = self.dense_h_to_4h(x)
-        act = F.silu(self.dense_gate(x)) * up if self.swiglu else F.gelu(up)
-        return self.dense_4h_to_h(act)
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """``sequence_parallel``: ``x`` is this rank's part of the sequence (gathered once for both
+        up-projections), and so is the output."""
+        sp = sequence_parallel
+        if sp:
+            x = gather_from_sequence(x, self.tp_group)
+        up = self.dense_h_to_4h(x, sp)
+        act = F.silu(self.dense_gate(x, sp)) * up if self.swiglu else F.gelu(up)
+        return self.dense_4h_to_h(act, sp)
 
 
 def init_stds(args: ModelArgs) -> tuple[float, float]:
@@ -356,30 +406,39 @@ def init_stds(args: ModelArgs) -> tuple[float, float]:
 class Block(nn.Module):
     """One transformer layer: parallel residual x + attn(ln1 x) + mlp(ln2 x), or sequential.
 
-    In the parallel form both row-parallel outputs are summed before a single all-reduce.
+    In the parallel form both row-parallel outputs are summed before a single all-reduce (a reduce-scatter
+    under sequence parallelism, where the block's input and output are this rank's part of the sequence).
     """
 
-    def __init__(self, args: ModelArgs, layer_number: int, tp_group=None, recompute_core: bool = False):
+    def __init__(self, args: ModelArgs, layer_number: int, tp_group=None, recompute_core: bool = False,
+                 sequence_parallel: bool = False):  # fmt: skip
         super().__init__()
         small, out = init_stds(args)
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
         self.parallel_residual = args.parallel_residual
-        self.input_layernorm = make_norm(args.norm, args.hidden_size, args.norm_eps)
-        self.post_attention_layernorm = make_norm(args.norm, args.hidden_size, args.norm_eps)
+        self.input_layernorm = make_norm(args.norm, args.hidden_size, args.norm_eps, tp_group)
+        self.post_attention_layernorm = make_norm(args.norm, args.hidden_size, args.norm_eps, tp_group)
         self.attention = Attention(args, layer_number, tp_group, small, out, recompute_core)
         self.mlp = MLP(args, tp_group, small, out)
         self.dropout = nn.Dropout(args.hidden_dropout)
 
     def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+        sp = sequence_split(self.sequence_parallel, ctx)
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         if not self.parallel_residual:
-            x = x + self.dropout(self.attention(self.input_layernorm(x), ctx))
-            return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
-        partial = self.attention(self.input_layernorm(x), ctx) + self.mlp(self.post_attention_layernorm(x))
-        out = reduce_from_region(partial, self.tp_group)
+            x = x + split_region_dropout(self.dropout, self.attention(ln1(x, sp), ctx, sp), sp)
+            return x + split_region_dropout(self.dropout, self.mlp(ln2(x, sp), sp), sp)
+        partial = self.attention(ln1(x, sp), ctx, sp) + self.mlp(ln2(x, sp), sp)
+        out = (
+            reduce_scatter_to_sequence(partial, self.tp_group)
+            if sp
+            else reduce_from_region(partial, self.tp_group)
+        )
         for bias in (self.attention.dense.bias, self.mlp.dense_4h_to_h.bias):
-            if bias is not None:
-                out = out + bias
-        return x + self.dropout(out)
+            if bias is not None:  # added to this rank's part of the sequence: the group sums its gradient
+                out = out + (copy_to_region(bias, self.tp_group) if sp else bias)
+        return x + split_region_dropout(self.dropout, out, sp)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         for linear in (

@@ -24,6 +24,7 @@ from neo.parallel.mappings import (
     group_rank,
     group_size,
     reduce_from_region,
+    reduce_scatter_to_sequence,
 )
 
 
@@ -124,12 +125,19 @@ class ColumnParallelLinear(LoRALinear):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_region(x, self.tp_group), self.weight, self.bias)
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """``sequence_parallel``: ``x`` was gathered from the sequence split (``gather_from_sequence``), whose
+        backward sums the input gradients, so they are left partial here; the replicated LoRA A then sums its
+        own gradient over the group instead (its weight passes ``copy_to_region``)."""
+        g = self.tp_group
+        y = F.linear(x if sequence_parallel else copy_to_region(x, g), self.weight, self.bias)
         if self.lora_active():
-            h = copy_to_region(F.linear(self._lora_input(x, False), self.lora_A), self.tp_group)
+            if sequence_parallel:
+                h = F.linear(self._lora_input(x, False), copy_to_region(self.lora_A, g))
+            else:
+                h = copy_to_region(F.linear(self._lora_input(x, False), self.lora_A), g)
             y = y + self.lora_scale * F.linear(h, self.lora_B)
-        return gather_from_region(y, self.tp_group) if self.gather_output else y
+        return gather_from_region(y, g) if self.gather_output else y
 
 
 class RowParallelLinear(LoRALinear):
@@ -161,17 +169,22 @@ class RowParallelLinear(LoRALinear):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """``sequence_parallel``: the output is reduce-scattered along the sequence; the bias, added to this
+        rank's part of it, sums its gradient over the group (``replicated_weight``)."""
+        g = self.tp_group
         y = F.linear(x, self.weight)
         delta = None
         if self.lora_active():
-            h = reduce_from_region(
-                F.linear(self._lora_input(x, group_size(self.tp_group) > 1), self.lora_A), self.tp_group
-            )
+            h = reduce_from_region(F.linear(self._lora_input(x, group_size(g) > 1), self.lora_A), g)
             delta = self.lora_scale * F.linear(h, self.lora_B)
-        if not self.reduce_output:
-            return y if delta is None else y + first_rank_only(delta, self.tp_group)
-        y = reduce_from_region(y, self.tp_group)
+        if not self.reduce_output or sequence_parallel:
+            y = y if delta is None else y + first_rank_only(delta, g)
+            if not self.reduce_output:
+                return y
+            y = reduce_scatter_to_sequence(y, g)
+            return y if self.bias is None else y + copy_to_region(self.bias, g)
+        y = reduce_from_region(y, g)
         y = y if delta is None else y + delta
         return y if self.bias is None else y + self.bias
 
@@ -189,14 +202,16 @@ class VocabParallelEmbedding(nn.Module):
     def reset_parameters(self, generator: torch.Generator) -> None:
         init_slice_(self.weight, self.init_std, generator, self.tp_group)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The embeddings of ``ids``; with ``reduce=False`` this rank's partial sum (zeros for tokens outside
+        its slice of the vocabulary), for a caller that reduces it (sequence parallelism reduce-scatters)."""
         if group_size(self.tp_group) == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_region(out, self.tp_group)
+        return reduce_from_region(out, self.tp_group) if reduce else out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied output head: this rank's slice of the vocabulary logits."""

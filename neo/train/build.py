@@ -68,10 +68,11 @@ def build_model(args: ModelArgs, cfg: Config, topo: Topology) -> torch.nn.Module
     adapters (and everything else frozen) when ``lora.rank`` > 0."""
     if cfg.parallel.pp > 1:
         model = pipeline_module(args, topo, seed=cfg.seed, partition_method=cfg.parallel.partition_method,
-                                recompute=cfg.parallel.activation_checkpoint, every_n=cfg.parallel.every_n)  # fmt: skip
+                                recompute=cfg.parallel.activation_checkpoint, every_n=cfg.parallel.every_n,
+                                sequence_parallel=cfg.parallel.sequence_parallel)  # fmt: skip
     else:
-        model = GPT(args, tp_group=topo.tensor_group, seed=cfg.seed,
-                    recompute=cfg.parallel.activation_checkpoint, every_n=cfg.parallel.every_n)  # fmt: skip
+        model = GPT(args, tp_group=topo.tensor_group, seed=cfg.seed, recompute=cfg.parallel.activation_checkpoint,
+                    every_n=cfg.parallel.every_n, sequence_parallel=cfg.parallel.sequence_parallel)  # fmt: skip
     if cfg.lora.rank:
         from neo.model.lora import apply_lora
 

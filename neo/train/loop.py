@@ -375,6 +375,10 @@ class Trainer:
                    f"vocab {self.args.vocab_size}); {flops_per_token(self.args) / 1e6:.1f} MFLOP/token; "
                    f"objective {self.objective.name}; {self.topo.describe()}")  # fmt: skip
         report.say(f"neo: {batch_arithmetic(self.cfg)}")
+        if self.cfg.parallel.sequence_parallel:
+            par = self.cfg.parallel
+            report.say(f"neo: sequence parallelism: norms, dropout and the residual stream hold "
+                       f"{self.args.seq_length // par.tp} of {self.args.seq_length} positions per tensor-parallel rank")  # fmt: skip
         if self.cfg.lora.rank:
             from neo import ds_compat
 

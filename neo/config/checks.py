@@ -137,6 +137,12 @@ def _check_zero_and_precision(cfg: Config, b: _Builder) -> None:
             "DeepSpeed 0.19 cannot resume a bf16 pipeline checkpoint saved with ZeRO-0 (KeyError in its "
             "bf16 optimizer). Fix: set zero.stage: 1 (same memory on one data-parallel rank)."
         )
+    if cfg.model.compile and z.stage == 3:
+        p.append(
+            f"model.compile = true {w('model.compile')} cannot be combined with zero.stage = 3 {w('zero.stage')}: "
+            "ZeRO-3 gathers each partitioned weight in module hooks that torch.compile traces as empty "
+            "tensors. Fix: use zero.stage 0-2 with model.compile, or model.compile: false."
+        )
     fp = cfg.precision.fp16
     if fp.loss_scale < 0 or fp.min_loss_scale <= 0 or fp.loss_scale_window <= 0 or fp.hysteresis < 1:
         p.append(

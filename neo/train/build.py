@@ -13,6 +13,7 @@ from neo.config import Config, deepspeed_config
 from neo.errors import ConfigError
 from neo.model.args import ModelArgs
 from neo.model.gpt import GPT, pipeline_module
+from neo.model.layers import Block
 from neo.parallel.topology import Topology
 from neo.train.optim import (
     ClippingAdamW,
@@ -43,7 +44,8 @@ def model_args(cfg: Config, tokenizer, saved_model: dict | None = None) -> Model
         raise ConfigError([f"{where} vocabulary of {vocab} rows is not divisible by parallel.tp = {cfg.parallel.tp}. "
                            "Fix: choose a tp that divides it (a new model: set model.vocab_multiple to a multiple "
                            "of tp, e.g. 128)."])  # fmt: skip
-    return dataclasses.replace(cfg.model, vocab_size=vocab)
+    shape = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelArgs)}
+    return ModelArgs(**dict(shape, vocab_size=vocab))  # the shape only: checkpoints record it
 
 
 def build_model(args: ModelArgs, cfg: Config, topo: Topology) -> torch.nn.Module:
@@ -53,6 +55,69 @@ def build_model(args: ModelArgs, cfg: Config, topo: Topology) -> torch.nn.Module
                                checkpoint_interval=cfg.parallel.activation_checkpoint_interval)  # fmt: skip
     return GPT(args, tp_group=topo.tensor_group, seed=cfg.seed,
                checkpoint_interval=cfg.parallel.activation_checkpoint_interval)  # fmt: skip
+
+
+def lean_config(cfg: Config) -> tuple[Config, str | None]:
+    """The config to run, and a line for the log when it differs from ``cfg``.
+
+    ZeRO-1/2 partition optimizer state and gradients over the data-parallel ranks; over one rank they
+    partition nothing, yet every step still copies gradients into buckets and flat fp32 partitions and
+    the weights back out, and they keep a second fp32 copy of the weights. In fp32 (no offload) neo runs
+    such a config as ZeRO-0, which trains the same model (the same AdamW on the same gradients) and
+    says so; ``zero.single_rank_stage0: false`` keeps the stage. bf16 keeps it: there DeepSpeed's ZeRO-0
+    is another optimizer wrapper (one fp32 master per tensor), not measured to be cheaper.
+    """
+    z = cfg.zero
+    if not (z.single_rank_stage0 and cfg.dp == 1 and z.stage in (1, 2) and z.offload_optimizer == "none"
+            and cfg.precision.dtype == "fp32"):  # fmt: skip
+        return cfg, None
+    lean = dataclasses.replace(cfg, zero=dataclasses.replace(z, stage=0))
+    return lean, (f"neo: zero.stage = {z.stage} with one data-parallel rank partitions nothing: running ZeRO-0 "
+                  "(the same training without ZeRO's gradient copies and second fp32 copy of the weights; "
+                  "zero.single_rank_stage0: false keeps the stage)")  # fmt: skip
+
+
+def inductor_problem(device: torch.device) -> str | None:
+    """Why torch.compile's default backend (inductor) cannot compile for ``device`` here, or None.
+
+    Asked before compiling, because inductor otherwise fails at the first step, deep in code generation:
+    on a CPU it compiles C++ (it needs g++ or $CXX), on a GPU it generates Triton kernels."""
+    try:
+        import torch._inductor.config  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure means: no inductor
+        return f"this torch ({torch.__version__}) has no inductor backend ({type(e).__name__}: {e})"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton, inductor's GPU code generator, is not installed (pip install triton)"
+        return None
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - torch's own check; its error type is internal
+        return f"inductor finds no working C++ compiler on this CPU ({e}). Fix: install g++ or set CXX to one"
+    return None
+
+
+def compile_blocks(model: torch.nn.Module, cfg: Config, device: torch.device) -> str | None:
+    """``model.compile``: compile each transformer block in place (``Block.compile()``), in either form.
+
+    Regional compilation: every block runs the same code, so dynamo traces and inductor compiles one block
+    (forward and backward) and the others reuse it; the embedding, final norm and fused head + loss stay
+    eager. Parameter names, and so checkpoints, are unchanged. Returns the line to log (None: compile off).
+    """
+    if not cfg.model.compile:
+        return None
+    problem = inductor_problem(device)
+    if problem:
+        return f"neo: warning: model.compile is on, but {problem}; the blocks run eager (uncompiled)."
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    return (f"neo: model.compile: {len(blocks)} blocks compiled with torch.compile (inductor, one block's code "
+            "shared by all); the first step includes compiling")  # fmt: skip
 
 
 def tied_copies(model: torch.nn.Module, topo: Topology) -> set[int]:
@@ -78,9 +143,9 @@ def build_engine(model: torch.nn.Module, optimizer, cfg: Config, topo: Topology,
     """``deepspeed.initialize`` with neo's optimizer, LR schedule and process grid: (engine, optimizer, scheduler)."""
     import deepspeed
 
-    if device.type == "cpu" and cfg.zero.stage > 0:
-        from neo import ds_compat
+    from neo import ds_compat
 
+    if device.type == "cpu" and cfg.zero.stage > 0:
         ds_compat.fp32_zero_grad_norms()
     lr_fn = schedule_from_config(cfg)
     engine, ds_optimizer, _, scheduler = deepspeed.initialize(
@@ -88,6 +153,7 @@ def build_engine(model: torch.nn.Module, optimizer, cfg: Config, topo: Topology,
         config=deepspeed_config(cfg), mpu=topo if (topo.tp > 1 and topo.pp == 1) else None,
         dist_init_required=False,
     )  # fmt: skip
+    ds_compat.skip_single_rank_allreduce(engine)  # dp = 1 without ZeRO: nothing to reduce
     return engine, ds_optimizer, scheduler
 
 

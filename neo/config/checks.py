@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from neo.config.build import _Builder
@@ -18,6 +19,7 @@ def _check(cfg: Config, b: _Builder) -> None:
         _check_zero_and_precision(cfg, b)
     _check_passthrough(cfg, b)
     _check_training(cfg, b)
+    _check_wandb(cfg, b)
     _resolve_batch(cfg, b)
 
 
@@ -258,6 +260,23 @@ def _check_training(cfg: Config, b: _Builder) -> None:
         p.append(
             f"checkpoint.load_weights_only {w('checkpoint.load_weights_only')} needs checkpoint.load "
             "(the checkpoint to take the weights from)"
+        )
+
+
+def _check_wandb(cfg: Config, b: _Builder) -> None:
+    """logging.wandb needs the optional wandb package: say so before any process starts."""
+    w = cfg.logging.wandb
+    if w.project is None or w.mode == "disabled":
+        return
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except ValueError:  # a module object without a spec (a stub in sys.modules)
+        found = False
+    if not found:
+        b.problems.append(
+            f"logging.wandb.project = {w.project!r} {b.where('logging.wandb.project')} logs to Weights & Biases, "
+            "but the wandb package is not installed. Fix: pip install wandb (or pip install 'neo[wandb]'), "
+            "or remove logging.wandb."
         )
 
 

@@ -77,11 +77,15 @@ def lean_config(cfg: Config) -> tuple[Config, str | None]:
                   "zero.single_rank_stage0: false keeps the stage)")  # fmt: skip
 
 
-def inductor_problem(device: torch.device) -> str | None:
-    """Why torch.compile's default backend (inductor) cannot compile for ``device`` here, or None.
+def inductor_problem(device: torch.device, dtype: str = "fp32") -> str | None:
+    """Why torch.compile's default backend (inductor) cannot compile a block for ``device`` and the run's
+    ``dtype`` here, or None.
 
     Asked before compiling, because inductor otherwise fails at the first step, deep in code generation:
-    on a CPU it compiles C++ (it needs g++ or $CXX), on a GPU it generates Triton kernels."""
+    on a CPU it compiles C++ (it needs g++ or $CXX), on a GPU it generates Triton kernels. On a CPU in
+    bf16/fp16, torch <= 2.13's C++ code for the block's backward does not compile (a vectorized reduction
+    stored to two outputs, the gradients of the two output biases, declares its converted value twice;
+    seen with torch 2.13.0 on an AVX512-BF16 Xeon), so those runs stay eager too."""
     try:
         import torch._inductor.config  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any failure means: no inductor
@@ -92,6 +96,9 @@ def inductor_problem(device: torch.device) -> str | None:
         if not has_triton():
             return "Triton, inductor's GPU code generator, is not installed (pip install triton)"
         return None
+    if dtype in ("bf16", "fp16"):
+        return (f"torch {torch.__version__}'s inductor writes C++ for a {dtype} block's backward on a CPU that "
+                "does not compile (a reduction stored twice); fp32 compiles")  # fmt: skip
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -110,7 +117,7 @@ def compile_blocks(model: torch.nn.Module, cfg: Config, device: torch.device) ->
     """
     if not cfg.model.compile:
         return None
-    problem = inductor_problem(device)
+    problem = inductor_problem(device, cfg.precision.dtype)
     if problem:
         return f"neo: warning: model.compile is on, but {problem}; the blocks run eager (uncompiled)."
     blocks = [m for m in model.modules() if isinstance(m, Block)]

@@ -280,23 +280,6 @@ def parse_ds_variant(text: str) -> tuple[str, list[str], bool]:
 # --------------------------------------------------------------------------- set-up and timing
 
 
-def start_one_rank(device_kind: str):
-    """Make this process rank 0 of a one-process job and start DeepSpeed's process group via neo."""
-    from neo import distributed
-    from neo.distributed import free_port
-
-    os.environ.update(
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
-    os.environ.setdefault("DS_ACCELERATOR", device_kind)
-    return distributed.init()
-
-
 def build_variants(args, cfg_for, env, device, notes: list[str]) -> list[Variant]:
     """Every variant of every dtype. ``cfg_for(dtype, *overrides)`` is the config they share."""
     import torch
@@ -451,7 +434,7 @@ def main(argv=None) -> int:
         )
         return 2
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
-    env = start_one_rank(device_kind)
+    env = common.start_one_rank(device_kind)
     device = torch.device("cuda", 0) if device_kind == "cuda" else torch.device("cpu")
     notes = []
     if args.dtypes == "auto":

@@ -447,9 +447,8 @@ def main(argv=None) -> int:
             )
             print("bench: " + notes[-1], flush=True)
 
-    from neo.config import load_config, to_dict
+    from neo.config import lean_config, load_config, to_dict
     from neo.model.gpt import flops_per_token, parameter_count
-    from neo.train import build
 
     base = bench_settings(args)
 
@@ -497,7 +496,7 @@ def main(argv=None) -> int:
             "flops_per_token": fpt,
             "tokens_per_step": tokens_per_step,
             "zero_stage": cfg32.zero.stage,
-            "zero_stage_run": build.lean_config(cfg32)[0].zero.stage,
+            "zero_stage_run": lean_config(cfg32)[0].zero.stage,
             "ds_variants": args.ds_variant,
             "config_files": args.config,
             "bf16_recipes": args.bf16_recipes,

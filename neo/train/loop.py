@@ -20,7 +20,7 @@ from neo.checkpoint import load as ckpt_load
 from neo.checkpoint import save as ckpt_save
 from neo.checkpoint.layout import complete_tags, find_latest, resolve
 from neo.checkpoint.tensors import check_compatible
-from neo.config import Config, batch_arithmetic, to_dict, to_yaml
+from neo.config import Config, batch_arithmetic, lean_config, to_dict, to_yaml
 from neo.errors import REQUEUE_EXIT, CheckpointError, LaunchError
 from neo.model.gpt import flops_per_token, parameter_count, set_loss
 from neo.objectives import MicroBatch, Objective, build_objective
@@ -64,7 +64,7 @@ class Trainer:
                  tokenizer=None, objective: Objective | None = None):  # fmt: skip
         from neo import distributed
 
-        cfg, lean_note = build.lean_config(cfg)  # e.g. ZeRO-1 on one data-parallel rank runs as ZeRO-0
+        cfg, lean_note = lean_config(cfg)  # e.g. ZeRO-1 on one data-parallel rank runs as ZeRO-0
         self.cfg, self.env = cfg, env
         self.topo = Topology(env.world_size, cfg.parallel.tp, cfg.parallel.pp, env.rank)
         self.device = distributed.device_for(env)

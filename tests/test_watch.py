@@ -128,6 +128,12 @@ def test_missing_extras_are_one_clear_message(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"wandb package is not installed\. Fix: pip install wandb"):
         load_config([TINY], ["logging.wandb.project=p"])
     load_config([TINY], ["logging.wandb.project=p", "logging.wandb.mode=disabled"])  # disabled needs nothing
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # and no login on disk (netrc, W&B settings) either:
+    for var in ("HOME", "WANDB_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(NeoError, match="wandb login.* or set logging.wandb.mode=offline"):
+        start_wandb({"project": "p", "mode": "online", "dir": str(tmp_path)})  # not logged in: no traceback
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails
     with pytest.raises(NeoError, match="pip install wandb"):
         start_wandb({"project": "p", "mode": "offline"})

@@ -178,4 +178,10 @@ def start_wandb(init_args: dict):
             "logging.wandb.project is set but the wandb package is not installed. Fix: pip install wandb "
             "(or pip install 'neo[wandb]'), or remove logging.wandb."
         ) from None
-    return wandb.init(**init_args, settings=wandb.Settings(console="off", silent=True))
+    try:
+        return wandb.init(**init_args, settings=wandb.Settings(console="off", silent=True))
+    except Exception as e:  # noqa: BLE001 - wandb's errors (no login, no network) have no common base
+        raise NeoError(
+            f"Weights & Biases could not start the run ({type(e).__name__}: {e}). Fix: `wandb login` (or set "
+            "WANDB_API_KEY), or set logging.wandb.mode=offline (no network; `wandb sync` later)."
+        ) from None

@@ -421,6 +421,32 @@ def bench_settings(args) -> list[str]:
     return base
 
 
+def resolve_dtypes(args, device_kind: str) -> list[str]:
+    """``--dtypes auto``: fp32, and bf16 where it is native. Returns the notes for the record."""
+    import common
+    import torch
+
+    if args.dtypes != "auto":
+        return []
+    args.dtypes = "fp32,bf16" if device_kind == "cuda" or common.cpu_native_bf16() else "fp32"
+    if args.dtypes == "fp32":
+        note = (f"bf16 not run: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matmul, so "
+                "PyTorch emulates it (~250x slower than fp32 here); a bf16 timing would measure the emulation. "
+                "Force it with --dtypes fp32,bf16.")  # fmt: skip
+        print("bench: " + note, flush=True)
+        return [note]
+    return []
+
+
+def warm_up(args, variants: list[Variant]) -> None:
+    """Untimed steps (compiling happens here); the first step's loss shows every variant computes one function."""
+    for v in variants:
+        for i in range(args.warmup):
+            loss = float(v.step())
+            if i == 0:
+                v.first_loss = loss
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
@@ -436,19 +462,10 @@ def main(argv=None) -> int:
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     env = common.start_one_rank(device_kind)
     device = torch.device("cuda", 0) if device_kind == "cuda" else torch.device("cpu")
-    notes = []
-    if args.dtypes == "auto":
-        args.dtypes = "fp32,bf16" if device_kind == "cuda" or common.cpu_native_bf16() else "fp32"
-        if args.dtypes == "fp32":
-            notes.append(
-                f"bf16 not run: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
-                "matmul, so PyTorch emulates it (~250x slower than fp32 here); a bf16 timing would measure "
-                "the emulation. Force it with --dtypes fp32,bf16."
-            )
-            print("bench: " + notes[-1], flush=True)
+    notes = resolve_dtypes(args, device_kind)
 
-    from neo.config import lean_config, load_config, to_dict
-    from neo.model.gpt import flops_per_token, parameter_count
+    from neo.config import load_config
+    from neo.model.gpt import flops_per_token
 
     base = bench_settings(args)
 
@@ -459,69 +476,62 @@ def main(argv=None) -> int:
 
     record = common.environment()
     cfg32 = cfg_for("fp32")
-    model_args = cfg32.model
-    tokens_per_step = cfg32.batch.micro_batch_size * model_args.seq_length
-    fpt = flops_per_token(model_args)
-    counts = parameter_count(model_args)
+    tokens_per_step = cfg32.batch.micro_batch_size * cfg32.model.seq_length
+    fpt = flops_per_token(cfg32.model)
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    print(
-        f"bench: {counts['total'] / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOP/token, {tokens_per_step} tokens "
-        f"per step, device {device}, {torch.get_num_threads()} threads",
-        flush=True,
-    )
-
+    print(f"bench: {fpt / 1e6:.1f} MFLOP/token, {tokens_per_step} tokens per step, device {device}, "
+          f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip
     if args.compile:
         args.warmup = max(args.warmup, 3)  # the first steps compile
     t0 = time.perf_counter()
     with common.fused_adamw(args.fused_adamw):
         variants = build_variants(args, cfg_for, env, device, notes)
     build_s = time.perf_counter() - t0
+    warm_up(args, variants)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for v in variants:  # warmup, untimed; the first step's loss shows every variant starts from one function
-        for i in range(args.warmup):
-            loss = float(v.step())
-            if i == 0:
-                v.first_loss = loss
     t0 = time.perf_counter()
     rounds = time_rounds(args, variants, sync, threads, tokens_per_step)
-    timed_s = time.perf_counter() - t0
-
+    timings = {
+        "rounds": rounds,
+        "build_seconds": round(build_s, 1),
+        "timed_seconds": round(time.perf_counter() - t0, 1),
+    }
     results = summarise(args, variants, tokens_per_step, fpt, threads)
-    record.update(
-        benchmark="train_step",
-        device=str(device),
-        config={
-            "neo": to_dict(cfg32),
-            "parameters": counts,
-            "flops_per_token": fpt,
-            "tokens_per_step": tokens_per_step,
-            "zero_stage": cfg32.zero.stage,
-            "zero_stage_run": lean_config(cfg32)[0].zero.stage,
-            "ds_variants": args.ds_variant,
-            "config_files": args.config,
-            "bf16_recipes": args.bf16_recipes,
-            "adamw": "fused=True (patched into every variant)"
-            if args.fused_adamw
-            else f"hf: torch default; neo: fused={cfg32.optimizer.fused} (optimizer.fused)",
-            "warmup_steps": args.warmup,
-            "clean_blocks_wanted": args.reps,
-            "steps_per_block": args.steps,
-            "rounds": rounds,
-            "clean_cpu_share": args.clean_share if threads else None,
-            "build_seconds": round(build_s, 1),
-            "timed_seconds": round(timed_s, 1),
-        },
-        notes=notes,
-        **results,
-    )
+    config = record_config(args, cfg32, tokens_per_step, fpt, threads, timings)
+    record.update(benchmark="train_step", device=str(device), config=config, notes=notes, **results)
     text = markdown(record)
     print(text.replace("{environment}", common.environment_markdown(record)))
     if not args.no_record:
         tag = args.tag or ("cuda" if device.type == "cuda" else None)
-        name = "train_step" + (f"-{tag}" if tag else "")
-        paths = common.write_record(name, record, text, args.out)
+        paths = common.write_record("train_step" + (f"-{tag}" if tag else ""), record, text, args.out)
         print("bench: wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def record_config(args, cfg32, tokens_per_step: int, fpt: float, threads: int, timings: dict) -> dict:
+    """The record's ``config``: the resolved neo config and how the bench ran."""
+    from neo.config import lean_config, to_dict
+    from neo.model.gpt import parameter_count
+
+    adamw = ("fused=True (patched into every variant)" if args.fused_adamw
+             else f"hf: torch default; neo: fused={cfg32.optimizer.fused} (optimizer.fused)")  # fmt: skip
+    return {
+        "neo": to_dict(cfg32),
+        "parameters": parameter_count(cfg32.model),
+        "flops_per_token": fpt,
+        "tokens_per_step": tokens_per_step,
+        "zero_stage": cfg32.zero.stage,
+        "zero_stage_run": lean_config(cfg32)[0].zero.stage,
+        "ds_variants": args.ds_variant,
+        "config_files": args.config,
+        "bf16_recipes": args.bf16_recipes,
+        "adamw": adamw,
+        "warmup_steps": args.warmup,
+        "clean_blocks_wanted": args.reps,
+        "steps_per_block": args.steps,
+        "clean_cpu_share": args.clean_share if threads else None,
+        **timings,
+    }
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_compiled_blocks_under_pipeline_equal_one_process(eager, sample_tokens, 
     """pp = 2, each stage compiling its block: the eager one-process curve within the pipeline's 1e-4."""
     pipeline = ("model.compile=true", "parallel.pp=2")
     run = run_training(tmp_path, f"data.train_paths=[{sample_tokens}]", *TRAIN, *pipeline, nproc=2)
-    assert "model.compile: 1 blocks compiled" in run.output and "stage 1: layers" in run.output
+    assert "model.compile: 1 block compiled" in run.output and "stage 1: layers" in run.output
     assert rel_curve(run.losses, eager.losses) <= 1e-4
     assert rel_curve(run.valid_losses, eager.valid_losses) <= 1e-4
 

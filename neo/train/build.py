@@ -103,8 +103,8 @@ def compile_blocks(model: torch.nn.Module, cfg: Config, device: torch.device) ->
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         block.compile()
-    return (f"neo: model.compile: {len(blocks)} blocks compiled with torch.compile (inductor, one block's code "
-            "shared by all); the first step includes compiling")  # fmt: skip
+    return (f"neo: model.compile: {len(blocks)} block{'s' * (len(blocks) != 1)} compiled with torch.compile "
+            "(inductor, one block's code shared by all); the first step includes compiling")  # fmt: skip
 
 
 def tied_copies(model: torch.nn.Module, topo: Topology) -> set[int]:

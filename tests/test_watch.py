@@ -140,3 +140,30 @@ def test_missing_extras_are_one_clear_message(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(NeoError, match="pip install matplotlib"):
         draw({"run": {"loss": [(1, 1.0)]}}, str(tmp_path / "x.png"))
+
+
+def test_a_requeued_run_is_marked_preempting_in_wandb(tmp_path):
+    """Exit 75 (saved after SIGTERM, to be run again): W&B hears "preempting", then the run's exit code."""
+    from neo.train.metrics import MetricsWriter
+
+    calls = []
+
+    class FakeRun:
+        summary: dict = {}
+
+        def log(self, values, step):
+            calls.append(("log", step, sorted(values)))
+
+        def mark_preempting(self):
+            calls.append(("preempting",))
+
+        def finish(self, exit_code):
+            calls.append(("finish", exit_code))
+
+    writer = MetricsWriter(str(tmp_path))
+    writer.wandb = FakeRun()
+    writer.write({"step": 3, "loss": 2.0, "note": "text is not a curve"})
+    writer.write({"event": "end", "step": 3, "exit_code": 75, "checkpoint": "c"})
+    writer.close(75)
+    assert calls == [("log", 3, ["loss"]), ("preempting",), ("finish", 75)]
+    assert FakeRun.summary == {"exit_code": 75, "checkpoint": "c"}

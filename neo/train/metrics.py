@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from neo.errors import NeoError
+from neo.errors import REQUEUE_EXIT, NeoError
 
 # TFLOP/s, dense, by a whole-word part of torch.cuda.get_device_name(); fp32 is the non-tensor-core rate.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -139,6 +139,8 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
+            if exit_code == REQUEUE_EXIT and hasattr(self.wandb, "mark_preempting"):
+                self.wandb.mark_preempting()  # saved and stopped early: the next launch continues this W&B run
             self.wandb.finish(exit_code=exit_code)
 
 

@@ -66,6 +66,24 @@ def micro_batches(batches):
         yield MicroBatch(inputs=tokens[:, :-1], labels=tokens[:, 1:])
 
 
+def start_one_rank(device_kind: str):
+    """Make this process rank 0 of a one-process job and start DeepSpeed's process group via neo (the
+    benches that build a Trainer run as one rank, without a launcher)."""
+    from neo import distributed
+    from neo.distributed import free_port
+
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
+    os.environ.setdefault("DS_ACCELERATOR", device_kind)
+    return distributed.init()
+
+
 # The neo config keys every bench sets besides the model: no checkpoint is looked for or loaded.
 BENCH_SETTINGS = ["checkpoint.resume=false", "batch.grad_accum=1"]
 

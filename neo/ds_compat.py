@@ -44,6 +44,25 @@ def _fp32() -> torch.dtype:
     return torch.float32
 
 
+def skip_single_rank_allreduce(engine) -> bool:
+    """Stop a ZeRO-0 engine from "all-reducing" gradients over a data-parallel group of one rank.
+
+    Without ZeRO, DeepSpeed reduces gradients after every backward (``allreduce_gradients`` ->
+    ``buffered_allreduce_fallback``): it flattens every gradient into one buffer, all-reduces it, scales it
+    by 1/dp and copies it back, three passes over all gradients that change nothing when dp = 1 (14M
+    gradients: ~0.1 s of a ~3 s quickstart step on a 2-core CPU). The switches are the engine's
+    ``enable_backward_allreduce`` (the plain engine) and ``pipeline_enable_backward_allreduce`` (the
+    pipeline engine, which reduces tied weights across stages separately). Returns whether it applied:
+    only ZeRO-0 engines; ZeRO-1/2 move gradients into their fp32 partitions in that same call.
+    """
+    if engine.zero_optimization_stage() != 0 or engine.dp_world_size != 1:
+        return False
+    if hasattr(engine, "pipeline_enable_backward_allreduce"):
+        engine.pipeline_enable_backward_allreduce = False
+    engine.enable_backward_allreduce = False
+    return True
+
+
 # ------------------------------------------------------------------------------- optimizer wrappers
 
 

@@ -146,5 +146,56 @@ def _pipeline(rank: int, world: int) -> dict:
     return {"ok": True}
 
 
-def test_pipeline_internals():
-    assert spawn(_pipeline, 1) == [{"ok": True}]
+def _one_process(rank: int, world: int) -> dict:
+    return {"pipeline": _pipeline(rank, world), "single_rank": _single_rank(rank, world)}
+
+
+def test_pipeline_internals_and_the_single_rank_allreduce():
+    """One process (DeepSpeed starts once): the pipeline internals, and ZeRO-0 on one data-parallel rank
+    without the gradient all-reduce (see ``_single_rank``)."""
+    single = {0: (False, 0, True), 1: (True, 1, False), "pipe": (True, False)}
+    assert spawn(_one_process, 1) == [{"pipeline": {"ok": True}, "single_rank": single}]
+
+
+def _single_rank(rank: int, world: int) -> dict:
+    """(After ``_pipeline`` started DeepSpeed.) ZeRO-0 on one data-parallel rank skips the gradient all-reduce
+    (its flatten, scale and copy change nothing there); ZeRO-1 keeps it (that call moves the gradients into
+    its partitions). Per stage: (all-reduce on after build_engine, all-reduce calls in one step, skip applies)."""
+    import deepspeed
+
+    from neo import ds_compat
+    from neo.config import load_config
+    from neo.model.args import ModelArgs
+    from neo.model.gpt import pipeline_module
+    from neo.parallel.topology import Topology
+    from neo.train import build
+
+    topo, device, tokens = Topology(1, 1, 1, 0), torch.device("cpu"), torch.randint(0, 256, (2, 17))
+    out = {}
+    for stage in (0, 1):
+        cfg = load_config([TINY], [f"zero.stage={stage}", "model.vocab_size=256", "batch.micro_batch_size=2"])
+        model = build.build_model(build.model_args(cfg, SimpleNamespace(vocab_size=256)), cfg, topo)
+        optimizer = build.build_optimizer(model, cfg, topo, device)
+        engine, _, _ = build.build_engine(model, optimizer, cfg, topo, device)
+        calls, reduce = [], engine.allreduce_gradients
+
+        def counted(*args, _calls=calls, _reduce=reduce, **kwargs):
+            _calls.append(1)
+            return _reduce(*args, **kwargs)
+
+        engine.allreduce_gradients = counted
+        engine.backward(engine(tokens[:, :-1], tokens[:, 1:]))
+        engine.step()
+        out[stage] = (
+            engine.enable_backward_allreduce,
+            len(calls),
+            ds_compat.skip_single_rank_allreduce(engine),
+        )
+    cfg = load_config([TINY], ["model.vocab_size=256", "batch.micro_batch_size=2"])
+    sgd = {"type": "SGD", "params": {"lr": 0.1}}
+    module = pipeline_module(ModelArgs(vocab_size=256), topo)
+    pipe, _, _, _ = deepspeed.initialize(
+        model=module, config=dict(build.deepspeed_config(cfg), optimizer=sgd)
+    )
+    out["pipe"] = (ds_compat.skip_single_rank_allreduce(pipe), pipe.pipeline_enable_backward_allreduce)
+    return out

@@ -10,11 +10,11 @@ DeepSpeed config dict is derived in exactly one place, ``deepspeed_config``. Run
     load.py       YAML files + --set overrides, merged, built and validated
     build.py      typed construction of the dataclasses from merged YAML
     checks.py     validation of values and combinations
-    derived.py    the DeepSpeed dict, YAML, batch arithmetic
+    derived.py    the DeepSpeed dict, the config a run runs (lean_config), YAML, batch arithmetic
     reference.py  the README's config reference
 """
 
-from neo.config.derived import batch_arithmetic, deepspeed_config, to_dict, to_yaml
+from neo.config.derived import batch_arithmetic, deepspeed_config, lean_config, to_dict, to_yaml
 from neo.config.load import load_config, parse_override
 from neo.config.reference import reference_markdown
 from neo.config.schema import Config
@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "batch_arithmetic",
     "deepspeed_config",
+    "lean_config",
     "load_config",
     "parse_override",
     "reference_markdown",

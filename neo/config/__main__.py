@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from neo.cli.common import add_config_arguments, report
-from neo.config.derived import batch_arithmetic, deepspeed_config, to_yaml
+from neo.config.derived import batch_arithmetic, deepspeed_config, lean_config, to_yaml
 from neo.config.load import load_config
 from neo.config.reference import reference_markdown
 from neo.errors import ConfigError
@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             if not any(other.startswith(key + ".") for other in sources):
                 print(f"#   {key}: {src}")
         print(f"# batch: {batch_arithmetic(cfg)}")
-        print("# deepspeed config:", json.dumps(deepspeed_config(cfg)))
+        run_cfg, note = lean_config(cfg)
+        if note:
+            print(f"# {note}")
+        print("# deepspeed config:", json.dumps(deepspeed_config(run_cfg)))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from neo.config.build import _Builder
@@ -20,6 +21,7 @@ def _check(cfg: Config, b: _Builder) -> None:
     _check_passthrough(cfg, b)
     _check_training(cfg, b)
     _check_launch(cfg, b)
+    _check_wandb(cfg, b)
     _resolve_batch(cfg, b)
     _check_objective(cfg, b)
 
@@ -255,6 +257,12 @@ def _check_zero_and_precision(cfg: Config, b: _Builder) -> None:
             "DeepSpeed 0.19 cannot resume a bf16 pipeline checkpoint saved with ZeRO-0 (KeyError in its "
             "bf16 optimizer). Fix: set zero.stage: 1 (same memory on one data-parallel rank)."
         )
+    if cfg.model.compile and z.stage == 3:
+        p.append(
+            f"model.compile = true {w('model.compile')} cannot be combined with zero.stage = 3 {w('zero.stage')}: "
+            "ZeRO-3 gathers each partitioned weight in module hooks that torch.compile traces as empty "
+            "tensors. Fix: use zero.stage 0-2 with model.compile, or model.compile: false."
+        )
     fp = cfg.precision.fp16
     if fp.loss_scale < 0 or fp.min_loss_scale <= 0 or fp.loss_scale_window <= 0 or fp.hysteresis < 1:
         p.append(
@@ -381,6 +389,23 @@ def _check_launch(cfg: Config, b: _Builder) -> None:
                 f"launch.{key} = {value} {b.where('launch.' + key)} must be > 0 (seconds). Fix: a number of "
                 "seconds; there is no 'wait forever', so that a job that cannot go on fails instead of hanging."
             )
+
+
+def _check_wandb(cfg: Config, b: _Builder) -> None:
+    """logging.wandb needs the optional wandb package: say so before any process starts."""
+    w = cfg.logging.wandb
+    if w.project is None or w.mode == "disabled":
+        return
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except ValueError:  # a module object without a spec (a stub in sys.modules)
+        found = False
+    if not found:
+        b.problems.append(
+            f"logging.wandb.project = {w.project!r} {b.where('logging.wandb.project')} logs to Weights & Biases, "
+            "but the wandb package is not installed. Fix: pip install wandb (or pip install 'neo[wandb]'), "
+            "or remove logging.wandb."
+        )
 
 
 def _resolve_batch(cfg: Config, b: _Builder) -> None:

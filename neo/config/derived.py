@@ -76,6 +76,26 @@ def deepspeed_config(cfg: Config) -> dict:
     return _deep_update(ds, cfg.deepspeed)
 
 
+def lean_config(cfg: Config) -> tuple[Config, str | None]:
+    """The config to run, and a line for the log when it differs from ``cfg``.
+
+    ZeRO-1/2 partition optimizer state and gradients over the data-parallel ranks; over one rank they
+    partition nothing, yet every step still copies gradients into buckets and flat fp32 partitions and
+    the weights back out, and they keep a second fp32 copy of the weights. In fp32 (no offload) neo runs
+    such a config as ZeRO-0, which trains the same model (the same AdamW on the same gradients) and
+    says so; ``zero.single_rank_stage0: false`` keeps the stage. bf16 keeps it: there DeepSpeed's ZeRO-0
+    is another optimizer wrapper (one fp32 master per tensor), not measured to be cheaper.
+    """
+    z = cfg.zero
+    if not (z.single_rank_stage0 and cfg.dp == 1 and z.stage in (1, 2) and z.offload_optimizer == "none"
+            and cfg.precision.dtype == "fp32"):  # fmt: skip
+        return cfg, None
+    lean = dataclasses.replace(cfg, zero=dataclasses.replace(z, stage=0))
+    return lean, (f"neo: zero.stage = {z.stage} with one data-parallel rank partitions nothing: running ZeRO-0 "
+                  "(the same training without ZeRO's gradient copies and second fp32 copy of the weights; "
+                  "zero.single_rank_stage0: false keeps the stage)")  # fmt: skip
+
+
 def batch_arithmetic(cfg: Config) -> str:
     b = cfg.batch
     return (

@@ -11,7 +11,16 @@ from neo.config.schema import Config
 
 
 def _field_comments(cls) -> dict[str, str]:
-    """Each field's comment in the class source: trailing (``x: int = 1  # ...``) or on the lines above."""
+    """Each field's comment in the source of the class and of the dataclasses it extends (``model:`` is
+    ``ModelArgs`` plus a few keys): trailing (``x: int = 1  # ...``) or on the lines above."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            comments.update(_own_field_comments(klass))
+    return comments
+
+
+def _own_field_comments(cls) -> dict[str, str]:
     import inspect
     import re
 

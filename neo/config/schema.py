@@ -14,6 +14,16 @@ from neo.model.args import ModelArgs
 
 
 @dataclass
+class ModelConfig(ModelArgs):
+    """The ``model:`` section: the model's shape (``ModelArgs``, which the model code takes) and how to run it."""
+
+    # compile each transformer block with torch.compile (regional: one block's code, compiled once and
+    # reused by every block, so start-up stays short), in the plain and the pipeline form. Needs
+    # inductor (a C++ compiler on CPU, Triton on GPU); without them the run says so and stays eager.
+    compile: bool = False
+
+
+@dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size: ranks that split every layer
     pp: int = 1  # pipeline stages; 1 means no pipeline
@@ -107,6 +117,10 @@ class ZeroConfig:
     contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
     allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather
+    # fp32 with one data-parallel rank: run stage 1 or 2 as stage 0. They partition nothing over one rank,
+    # and stage 0 skips their gradient bucket, partition and flatten copies and their second fp32 copy of
+    # the weights (the log says so). false keeps the stage as set (e.g. to test it).
+    single_rank_stage0: bool = True
 
 
 @dataclass
@@ -145,11 +159,23 @@ class FinetuneConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: the records of metrics.jsonl, also sent to W&B (``pip install wandb``)."""
+
+    project: str | None = None  # W&B project; set it to log the run to W&B (None: off)
+    name: str | None = None  # the run's name in W&B; None: the last part of logging.dir
+    # online: stream to the W&B server; offline: write under <logging.dir>/wandb only (no network; upload
+    # later with `wandb sync`); disabled: no W&B at all
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass
 class LoggingConfig:
     dir: str = "runs/default"  # the run's outputs: resolved config, metrics.jsonl, checkpoints
     interval: int = 10  # one log line every N steps
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
     peak_tflops: float | None = None  # per-device peak for MFU; None: looked up by device name
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -189,7 +215,7 @@ class ObjectiveConfig:
 
 @dataclass
 class Config:
-    model: ModelArgs = field(default_factory=ModelArgs)
+    model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -13,6 +13,7 @@ from neo.config import Config, deepspeed_config
 from neo.errors import ConfigError
 from neo.model.args import ModelArgs
 from neo.model.gpt import GPT, pipeline_module
+from neo.model.layers import Block
 from neo.parallel.topology import Topology
 from neo.train.optim import (
     ClippingAdamW,
@@ -44,7 +45,10 @@ def model_args(cfg: Config, tokenizer, saved_model: dict | None = None) -> Model
         raise ConfigError([f"{where} vocabulary of {vocab} rows is not divisible by parallel.tp = {cfg.parallel.tp}. "
                            "Fix: choose a tp that divides it (a new model: set model.vocab_multiple to a multiple "
                            "of tp, e.g. 128)."])  # fmt: skip
-    return dataclasses.replace(model, vocab_size=vocab)
+    shape = {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelArgs)}
+    return ModelArgs(
+        **dict(shape, vocab_size=vocab)
+    )  # the shape only (not model.compile): checkpoints record it
 
 
 def _saved_shape(cfg: Config, saved_model: dict) -> ModelArgs:
@@ -118,6 +122,56 @@ def frozen_reference(model: torch.nn.Module, cfg: Config):
     return forward
 
 
+def inductor_problem(device: torch.device, dtype: str = "fp32") -> str | None:
+    """Why torch.compile's default backend (inductor) cannot compile a block for ``device`` and the run's
+    ``dtype`` here, or None.
+
+    Asked before compiling, because inductor otherwise fails at the first step, deep in code generation:
+    on a CPU it compiles C++ (it needs g++ or $CXX), on a GPU it generates Triton kernels. On a CPU in
+    bf16/fp16, torch <= 2.13's C++ code for the block's backward does not compile (a vectorized reduction
+    stored to two outputs, the gradients of the two output biases, declares its converted value twice;
+    seen with torch 2.13.0 on an AVX512-BF16 Xeon), so those runs stay eager too."""
+    try:
+        import torch._inductor.config  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure means: no inductor
+        return f"this torch ({torch.__version__}) has no inductor backend ({type(e).__name__}: {e})"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton, inductor's GPU code generator, is not installed (pip install triton)"
+        return None
+    if dtype in ("bf16", "fp16"):
+        return (f"torch {torch.__version__}'s inductor writes C++ for a {dtype} block's backward on a CPU that "
+                "does not compile (a reduction stored twice); fp32 compiles")  # fmt: skip
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - torch's own check; its error type is internal
+        return f"inductor finds no working C++ compiler on this CPU ({e}). Fix: install g++ or set CXX to one"
+    return None
+
+
+def compile_blocks(model: torch.nn.Module, cfg: Config, device: torch.device) -> str | None:
+    """``model.compile``: compile each transformer block in place (``Block.compile()``), in either form.
+
+    Regional compilation: every block runs the same code, so dynamo traces and inductor compiles one block
+    (forward and backward) and the others reuse it; the embedding, final norm and fused head + loss stay
+    eager. Parameter names, and so checkpoints, are unchanged. Returns the line to log (None: compile off).
+    """
+    if not cfg.model.compile:
+        return None
+    problem = inductor_problem(device, cfg.precision.dtype)
+    if problem:
+        return f"neo: warning: model.compile is on, but {problem}; the blocks run eager (uncompiled)."
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    return (f"neo: model.compile: {len(blocks)} block{'s' * (len(blocks) != 1)} compiled with torch.compile "
+            "(inductor, one block's code shared by all); the first step includes compiling")  # fmt: skip
+
+
 def tied_copies(model: torch.nn.Module, topo: Topology) -> set[int]:
     """Ids of parameters that duplicate another stage's (a tied embedding on the last pipeline stage): the
     global gradient norm counts them once."""
@@ -141,9 +195,9 @@ def build_engine(model: torch.nn.Module, optimizer, cfg: Config, topo: Topology,
     """``deepspeed.initialize`` with neo's optimizer, LR schedule and process grid: (engine, optimizer, scheduler)."""
     import deepspeed
 
-    if device.type == "cpu" and cfg.zero.stage > 0:
-        from neo import ds_compat
+    from neo import ds_compat
 
+    if device.type == "cpu" and cfg.zero.stage > 0:
         ds_compat.fp32_zero_grad_norms()
     lr_fn = schedule_from_config(cfg)
     engine, ds_optimizer, _, scheduler = deepspeed.initialize(
@@ -151,6 +205,7 @@ def build_engine(model: torch.nn.Module, optimizer, cfg: Config, topo: Topology,
         config=deepspeed_config(cfg), mpu=topo if (topo.tp > 1 and topo.pp == 1) else None,
         dist_init_required=False,
     )  # fmt: skip
+    ds_compat.skip_single_rank_allreduce(engine)  # dp = 1 without ZeRO: nothing to reduce
     return engine, ds_optimizer, scheduler
 
 

@@ -21,7 +21,7 @@ from neo.checkpoint import save as ckpt_save
 from neo.checkpoint.layout import complete_tags, find_latest, resolve
 from neo.checkpoint.manifest import read_meta
 from neo.checkpoint.tensors import check_compatible
-from neo.config import Config, batch_arithmetic, to_dict, to_yaml
+from neo.config import Config, batch_arithmetic, lean_config, to_dict, to_yaml
 from neo.errors import REQUEUE_EXIT, CheckpointError, LaunchError
 from neo.model.gpt import flops_per_token, parameter_count, set_loss
 from neo.objectives import MicroBatch, Objective, build_objective
@@ -65,12 +65,14 @@ class Trainer:
                  tokenizer=None, objective: Objective | None = None):  # fmt: skip
         from neo import distributed
 
+        cfg, lean_note = lean_config(cfg)  # e.g. ZeRO-1 on one data-parallel rank runs as ZeRO-0
         self.cfg, self.env = cfg, env
         self.topo = Topology(env.world_size, cfg.parallel.tp, cfg.parallel.pp, env.rank)
         self.device = distributed.device_for(env)
         warning = build.check_precision(cfg, self.device)
-        if warning:
-            log(warning)
+        for note in (warning, lean_note):
+            if note:
+                log(note)
         torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout agrees across a TP group
         tp_random.seed(cfg.seed + 2718 + self.topo.coord.tensor)  # split heads: independent per TP rank
         if tokenizer is None:
@@ -87,6 +89,9 @@ class Trainer:
             build.model_args(cfg, tokenizer, saved), **self.objective.model_overrides
         )
         model = model if model is not None else build.build_model(self.args, cfg, self.topo)
+        compiled = build.compile_blocks(model, cfg, self.device)  # model.compile
+        if compiled:
+            log(compiled)
         set_loss(model, self.objective.loss)
         if self.load:
             self._load_weights(model)

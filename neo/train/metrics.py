@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from neo.errors import REQUEUE_EXIT, NeoError
+
 # TFLOP/s, dense, by a whole-word part of torch.cuda.get_device_name(); fp32 is the non-tensor-core rate.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
@@ -95,12 +97,14 @@ class Throughput:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to ``metrics.jsonl`` (and TensorBoard scalars if asked)."""
+    """Appends one JSON object per record to ``metrics.jsonl``, and sends the same records to TensorBoard
+    and Weights & Biases when asked (``wandb``: the arguments of ``wandb.init``, see ``wandb_init_args``)."""
 
-    def __init__(self, run_dir: str, tensorboard: bool = False):
+    def __init__(self, run_dir: str, tensorboard: bool = False, wandb: dict | None = None):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.file = open(self.path, "a", buffering=1)
+        self.wandb = start_wandb(wandb) if wandb else None
         self.tb = None
         if tensorboard:
             try:
@@ -116,12 +120,70 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
-        if self.tb is not None and "step" in record:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
+        if "step" not in record:
+            return
+        scalars = {k: v for k, v in record.items() if k != "step" and _is_number(v)}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            if record.get("event") == "end":  # the run's outcome, not a curve
+                self.wandb.summary.update(
+                    {"exit_code": record["exit_code"], "checkpoint": record["checkpoint"]}
+                )
+            else:
+                self.wandb.log(scalars, step=record["step"])
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            if exit_code == REQUEUE_EXIT and hasattr(self.wandb, "mark_preempting"):
+                self.wandb.mark_preempting()  # saved and stopped early: the next launch continues this W&B run
+            self.wandb.finish(exit_code=exit_code)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def wandb_init_args(cfg, config: dict) -> dict | None:
+    """``wandb.init`` arguments for ``logging.wandb`` (None: W&B off). The W&B run's files go under the run
+    directory (offline: ``<logging.dir>/wandb/offline-run-*``, for ``wandb sync``), and its id is kept in
+    ``<logging.dir>/wandb/neo-run-id``, so a resumed launch continues the same W&B run."""
+    w = cfg.logging.wandb
+    if w.project is None or w.mode == "disabled":
+        return None
+    run_dir = cfg.logging.dir
+    id_file = os.path.join(run_dir, "wandb", "neo-run-id")
+    if os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = f"neo-{os.urandom(6).hex()}"
+        os.makedirs(os.path.dirname(id_file), exist_ok=True)
+        with open(id_file, "w") as f:
+            f.write(run_id + "\n")
+    name = w.name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
+    return {"project": w.project, "name": name, "mode": w.mode, "dir": run_dir, "config": config,
+            "id": run_id, "resume": "allow"}  # fmt: skip
+
+
+def start_wandb(init_args: dict):
+    """A W&B run. Console capture stays off: neo prints its own log lines, and W&B's stdout wrapper would
+    sit between neo and the terminal (or SLURM's log) of every run."""
+    try:
+        import wandb
+    except ImportError:
+        raise NeoError(
+            "logging.wandb.project is set but the wandb package is not installed. Fix: pip install wandb "
+            "(or pip install 'neo[wandb]'), or remove logging.wandb."
+        ) from None
+    try:
+        return wandb.init(**init_args, settings=wandb.Settings(console="off", silent=True))
+    except Exception as e:  # noqa: BLE001 - wandb's errors (no login, no network) have no common base
+        raise NeoError(
+            f"Weights & Biases could not start the run ({type(e).__name__}: {e}). Fix: `wandb login` (or set "
+            "WANDB_API_KEY), or set logging.wandb.mode=offline (no network; `wandb sync` later)."
+        ) from None

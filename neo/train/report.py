@@ -1,5 +1,5 @@
 """What a run tells people: one console line per logging interval, validation lines, the start and the end,
-and one JSON record per step in metrics.jsonl (plus TensorBoard scalars when asked).
+and one JSON record per step in metrics.jsonl (the same records to TensorBoard and W&B when asked).
 
 Only the global rank 0 prints and writes; every other rank's RunLog stays silent.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import time
 
-from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb
+from neo.config import to_dict
+from neo.train.metrics import MetricsWriter, Throughput, format_duration, memory_gb, wandb_init_args
 
 
 class RunLog:
@@ -17,7 +18,10 @@ class RunLog:
 
     def __init__(self, cfg, *, rank: int, meter: Throughput, start_iteration: int):
         self.cfg, self.rank, self.meter = cfg, rank, meter
-        self.writer = MetricsWriter(cfg.logging.dir, cfg.logging.tensorboard) if rank == 0 else None
+        self.writer = None
+        if rank == 0:
+            wandb = wandb_init_args(cfg, to_dict(cfg))
+            self.writer = MetricsWriter(cfg.logging.dir, cfg.logging.tensorboard, wandb)
         self.start_iteration, self.start = start_iteration, time.perf_counter()
 
     def say(self, msg: str) -> None:
@@ -57,7 +61,7 @@ class RunLog:
     def end(self, step: int, code: int, checkpoint: str) -> None:
         self.write({"event": "end", "step": step, "exit_code": code, "checkpoint": checkpoint})
         if self.writer:
-            self.writer.close()
+            self.writer.close(code)
         if code != 0:
             return
         cfg = self.cfg

@@ -237,10 +237,12 @@ def test_reshape_zero1_dp2_to_zero0_keeps_adam_moments(uninterrupted, sample_tok
     assert_same_curve(one.dir, ref_losses, list(range(7, STEPS + 1)))
 
 
-def test_reshape_without_saved_optimizer_state_says_the_moments_start_fresh(
-    uninterrupted, sample_tokens, tmp_path
+@pytest.mark.parametrize("keep_zero1", [True, False], ids=["another-layout", "same-layout"])
+def test_without_saved_optimizer_state_the_load_says_the_moments_start_fresh(
+    uninterrupted, sample_tokens, tmp_path, keep_zero1
 ):
-    """A checkpoint from before neo saved optimizer state still loads into another layout, and says so."""
+    """A checkpoint from before neo saved optimizer state still loads, into another layout (ZeRO-1 kept on one
+    rank) or the same one (ZeRO-1 on one rank runs as ZeRO-0, the layout that saved it), and says so."""
     src, _, _ = uninterrupted
     old = tmp_path / "old" / "iter_00000012"
     shutil.copytree(src / "checkpoints" / "iter_00000012", old)
@@ -256,9 +258,10 @@ def test_reshape_without_saved_optimizer_state_says_the_moments_start_fresh(
         *COMMON,
         "schedule.iterations=14",
         "zero.stage=1",
-        "zero.single_rank_stage0=false",  # another layout: ZeRO-1 kept on one rank (else it runs as ZeRO-0)
+        f"zero.single_rank_stage0={str(not keep_zero1).lower()}",
         f"checkpoint.load={old}",
     )
+    assert ("into this layout" in run.output) == keep_zero1
     assert (
         "the optimizer state (Adam moments) starts fresh: this checkpoint holds no optimizer state"
         in run.output

@@ -47,7 +47,7 @@ def ref(sample_tokens, tmp_path_factory):
         (2, ("parallel.pp=2", "batch.micro_batch_size=4")),  # 2 micro-batches in flight
         # 8 micro-batches in flight, each stage's blocks recomputed in backward
         (2, ("parallel.pp=2", "batch.micro_batch_size=1", "parallel.activation_checkpoint=full")),
-        (2, ("parallel.pp=2", "zero.stage=1", "batch.micro_batch_size=2")),
+        (2, ("parallel.pp=2", "zero.stage=1", "zero.single_rank_stage0=false", "batch.micro_batch_size=2")),
         (4, ("parallel.pp=2", "batch.micro_batch_size=2")),  # pp 2 x dp 2
         # pp 2 x tp 2, the attention core recomputed
         (

@@ -256,6 +256,7 @@ def test_tp2_training_equals_single_process(tp_reference, sample_tokens, tmp_pat
         "parallel.tp=2",
         f"parallel.sequence_parallel={str(sp).lower()}",
         f"zero.stage={zero}",
+        "zero.single_rank_stage0=false",  # ZeRO-1/2 as set, though one data-parallel rank partitions nothing
         "batch.global_batch_size=8",
         "batch.micro_batch_size=4",
         nproc=2,

@@ -49,7 +49,9 @@ class LoadPlan:
         it, n = self.meta["iteration"], self.meta["consumed_samples"]
         checked = f"; files verified by {self.verified}"
         if self.mode == "resume":
-            return f"resumed from {self.path} (iteration {it}, {n:,} samples consumed{checked})"
+            fresh = f"; the optimizer state (Adam moments) starts fresh: {self.optimizer_fresh}"
+            return (f"resumed from {self.path} (iteration {it}, {n:,} samples consumed{checked})"
+                    f"{fresh if self.optimizer_fresh else ''}")  # fmt: skip
         if self.mode == "weights":
             return (f"loaded the weights of {self.path} (iteration {it}{checked}); starting at iteration 0, "
                     "fresh optimizer")  # fmt: skip

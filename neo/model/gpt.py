@@ -145,16 +145,15 @@ class Spec:
     forward_fn: Any = None  # for the tied head: call this instead of forward
 
 
-def layer_specs(args: ModelArgs, tp_group=None, recompute_core: bool = False, sequence_parallel: bool = False
+def layer_specs(args: ModelArgs, tp_group=None, recompute: str = "none", sequence_parallel: bool = False
                 ) -> list[Spec]:  # fmt: skip
-    """embedding, blocks, final norm, head: the single description of the model."""
+    """embedding, blocks, final norm, head: the single description of the model. ``recompute`` is
+    ``parallel.activation_checkpoint`` (the blocks do "selective" themselves; "full" is their caller's)."""
     if args.vocab_size is None:
         raise ValueError("ModelArgs.vocab_size must be set (the padded vocabulary of the tokenizer)")
     split = dict(args=args, tp_group=tp_group, sequence_parallel=sequence_parallel)
     emb = Spec(Embedding, split, tie_key="embed" if args.tie_embeddings else None)
-    blocks = [
-        Spec(Block, dict(split, layer_number=i, recompute_core=recompute_core)) for i in range(args.n_layers)
-    ]
+    blocks = [Spec(Block, dict(split, layer_number=i, recompute=recompute)) for i in range(args.n_layers)]
     if args.head == "score":
         head = Spec(ScoreHead, dict(args=args, tp_group=tp_group))
     elif args.tie_embeddings:
@@ -201,9 +200,7 @@ class GPT(nn.Module):
         self.loss_fn = mean_loss  # fn(head, hidden, labels) -> loss; see ``set_loss``
         tied: dict[str, nn.Module] = {}
         layers = []
-        for index, spec in enumerate(
-            layer_specs(args, tp_group, recompute == "selective", sequence_parallel)
-        ):
+        for index, spec in enumerate(layer_specs(args, tp_group, recompute, sequence_parallel)):
             if spec.tie_key is not None and spec.tie_key in tied:
                 layers.append(_TiedCall(tied[spec.tie_key], spec.forward_fn))
                 continue
@@ -388,7 +385,7 @@ def pipeline_module(args: ModelArgs, topo, *, seed: int = 1234, partition_method
 
     from neo import ds_compat
 
-    *body, head = layer_specs(args, topo.tensor_group, recompute == "selective", sequence_parallel)
+    *body, head = layer_specs(args, topo.tensor_group, recompute, sequence_parallel)
     if head.tie_key:
         head = replace(head, forward_fn=_pass_hidden)
     else:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neo.model.args import ModelArgs, RopeScaling
+from neo.model.attention_core import attend
 from neo.parallel import random as tp_random
 from neo.parallel.layers import ColumnParallelLinear, RowParallelLinear, init_slice_
 from neo.parallel.mappings import (
@@ -24,6 +25,7 @@ from neo.parallel.mappings import (
     group_size,
     reduce_from_region,
     reduce_scatter_to_sequence,
+    saved_as_sequence_part,
 )
 
 
@@ -31,6 +33,17 @@ def sequence_split(enabled: bool, ctx: Context | None) -> bool:
     """Whether this call runs sequence-parallel: ``enabled`` for the model, and not decoding from a KV cache
     (a decoding step's one new position cannot be split). Every layer of one forward pass decides alike."""
     return enabled and (ctx is None or ctx.cache is None)
+
+
+def sequence_gather(layer: nn.Module, x: torch.Tensor, sequence_parallel: bool):
+    """The whole sequence for a layer's column-parallel linears (``x`` itself without sequence parallelism), and
+    the context to run them in: one that keeps their saved input as this rank's part (``saved_as_sequence_part``),
+    unless the block is recomputed whole (``layer.keep_part`` false), where what it saves is dropped anyway."""
+    if not sequence_parallel:
+        return x, contextlib.nullcontext()
+    full = gather_from_sequence(x, layer.tp_group)
+    keep = saved_as_sequence_part(full, x, layer.tp_group) if layer.keep_part else contextlib.nullcontext()
+    return full, keep
 
 
 def split_region_dropout(dropout: nn.Dropout, x: torch.Tensor, split: bool) -> torch.Tensor:
@@ -248,14 +261,15 @@ class Attention(nn.Module):
         tp_group=None,
         small_std: float = 0.02,
         out_std: float = 0.02,
-        recompute_core: bool = False,
+        recompute: str = "none",
     ):
         super().__init__()
         h, tp, kv = args.hidden_size, group_size(tp_group), args.kv_heads
         self.tp_group = tp_group
         # selective recomputation (Korthikanti et al. 2022): the attention core's activations (the s x s
         # scores, softmax, dropout mask) are recomputed in backward; the linears' outputs are kept
-        self.recompute_core = recompute_core
+        self.recompute_core = recompute == "selective"
+        self.keep_part = recompute != "full"  # see sequence_gather
         if args.n_heads % kv:
             raise ValueError(f"n_heads = {args.n_heads} is not divisible by n_kv_heads = {kv}")
         if kv % tp:
@@ -291,11 +305,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, ctx: Context | None = None, sequence_parallel: bool = False
     ) -> torch.Tensor:
         """``sequence_parallel``: ``x`` is this rank's part of the sequence, and so is the output."""
-        if sequence_parallel:
-            x = gather_from_sequence(x, self.tp_group)
+        x, kept = sequence_gather(self, x, sequence_parallel)
         b, s, _ = x.shape
         d = self.head_dim
-        qkv = self.query_key_value(x, sequence_parallel).view(b, s, self.local_groups, (self.group + 2) * d)
+        with kept:
+            qkv = self.query_key_value(x, sequence_parallel)
+        qkv = qkv.view(b, s, self.local_groups, (self.group + 2) * d)
         if self.group == 1:
             q, k, v = qkv.transpose(1, 2).split(d, dim=-1)
         else:
@@ -354,29 +369,21 @@ class Attention(nn.Module):
         window = (distance >= 0) & (distance < self.window)
         return window if mask is None else mask & window
 
-    @staticmethod
-    def _attend(q, k, v, mask, dropout: float, gqa: bool = False) -> torch.Tensor:
-        s = q.shape[2]
-        kw = {"dropout_p": dropout, "enable_gqa": True} if gqa else {"dropout_p": dropout}  # torch >= 2.5
-        if mask is None and k.shape[2] == s:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-        elif mask is None and s == 1:  # one new query at the end of an unpadded cache: it sees every key
-            out = F.scaled_dot_product_attention(q, k, v, **kw)
-        else:
-            if mask is None:  # cached decoding without padding: the new queries sit at the end
-                total = k.shape[2]
-                mask = torch.ones(s, total, dtype=torch.bool, device=q.device).tril(total - s)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
-        return out
+    _attend = staticmethod(attend)  # the core (neo.model.attention_core), a class attribute for tests to wrap
 
 
 class MLP(nn.Module):
     """Column-parallel up-projection, GeLU (exact erf) or SwiGLU, row-parallel down-projection."""
 
-    def __init__(self, args: ModelArgs, tp_group=None, small_std: float = 0.02, out_std: float = 0.02):
+    def __init__(self, args: ModelArgs, tp_group=None, small_std: float = 0.02, out_std: float = 0.02,
+                 recompute: str = "none"):  # fmt: skip
         super().__init__()
         h, f = args.hidden_size, args.ffn_size
-        self.tp_group, self.swiglu = tp_group, args.activation == "swiglu"
+        self.tp_group, self.swiglu, self.keep_part = (
+            tp_group,
+            args.activation == "swiglu",
+            recompute != "full",
+        )
         bias = args.bias
         self.dense_h_to_4h = ColumnParallelLinear(h, f, bias=bias, init_std=small_std, tp_group=tp_group)
         if self.swiglu:
@@ -389,10 +396,11 @@ class MLP(nn.Module):
         """``sequence_parallel``: ``x`` is this rank's part of the sequence (gathered once for both
         up-projections), and so is the output."""
         sp = sequence_parallel
-        if sp:
-            x = gather_from_sequence(x, self.tp_group)
-        up = self.dense_h_to_4h(x, sp)
-        act = F.silu(self.dense_gate(x, sp)) * up if self.swiglu else F.gelu(up)
+        x, kept = sequence_gather(self, x, sp)
+        with kept:
+            up = self.dense_h_to_4h(x, sp)
+            gate = self.dense_gate(x, sp) if self.swiglu else None
+        act = F.silu(gate) * up if self.swiglu else F.gelu(up)
         return self.dense_4h_to_h(act, sp)
 
 
@@ -410,7 +418,7 @@ class Block(nn.Module):
     under sequence parallelism, where the block's input and output are this rank's part of the sequence).
     """
 
-    def __init__(self, args: ModelArgs, layer_number: int, tp_group=None, recompute_core: bool = False,
+    def __init__(self, args: ModelArgs, layer_number: int, tp_group=None, recompute: str = "none",
                  sequence_parallel: bool = False):  # fmt: skip
         super().__init__()
         small, out = init_stds(args)
@@ -419,8 +427,8 @@ class Block(nn.Module):
         self.parallel_residual = args.parallel_residual
         self.input_layernorm = make_norm(args.norm, args.hidden_size, args.norm_eps, tp_group)
         self.post_attention_layernorm = make_norm(args.norm, args.hidden_size, args.norm_eps, tp_group)
-        self.attention = Attention(args, layer_number, tp_group, small, out, recompute_core)
-        self.mlp = MLP(args, tp_group, small, out)
+        self.attention = Attention(args, layer_number, tp_group, small, out, recompute)
+        self.mlp = MLP(args, tp_group, small, out, recompute)
         self.dropout = nn.Dropout(args.hidden_dropout)
 
     def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:

@@ -9,12 +9,16 @@ residual stream) along the sequence (dimension 1 of [batch, seq, hidden]) and sw
 sequence forms: the column-parallel input is *gathered* from the sequence split (all-gather forward,
 reduce-scatter backward) and the row-parallel output is *reduce-scattered* into it (reduce-scatter forward,
 all-gather backward). Same bytes as the all-reduce they replace (an all-reduce is a reduce-scatter followed by
-an all-gather), and the activations between them are 1/tp the size.
+an all-gather), and the activations between them are 1/tp the size. The gathered input, which the linears
+keep for their weight gradients, is kept as this rank's part and gathered again in backward
+(``saved_as_sequence_part``), as Megatron does: otherwise it would cost its full size on every rank.
 Each function takes the process group explicitly and is the identity when the group has one rank,
 so tp = 1 calls no collective at all (DESIGN principle 3).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -196,3 +200,29 @@ def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather along the sequence forward, keep this rank's part of the gradient backward: the whole
     sequence for the output head, which every rank then computes alike."""
     return x if group_size(group) == 1 else _GatherSequence.apply(x, group)
+
+
+@contextlib.contextmanager
+def saved_as_sequence_part(full: torch.Tensor, part: torch.Tensor, group):
+    """Within the block, autograd keeps ``full`` (= ``gather_from_sequence(part)``) and its views as ``part``
+    alone, and gathers it again when backward needs it: the column-parallel linears' saved inputs cost 1/tp
+    of their size. Every rank runs the same backward graph, so the gathers meet in the same order.
+    (Autograd keeps the hooks with what they saved: they must not hold ``full`` itself.)"""
+    if group_size(group) == 1 or not full.is_contiguous():
+        yield
+        return
+    storage = full.untyped_storage().data_ptr()
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() != storage:
+            return t
+        return part, t.size(), t.stride(), t.storage_offset()
+
+    def unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        local, size, stride, offset = saved
+        return _gather(local, group, SEQ).as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

@@ -23,7 +23,8 @@ from runs import ROOT, TINY, checkpoints, end_codes, losses, make_tokens, record
 from slurm_cluster import LocalSlurm, job_env, read_log, unavailable_reason, wait_for_step
 
 from neo.checkpoint.layout import find_latest
-from neo.checkpoint.manifest import read_meta, verify
+from neo.checkpoint.files import verify
+from neo.checkpoint.manifest import read_meta
 
 pytestmark = pytest.mark.slurm
 

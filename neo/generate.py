@@ -1,6 +1,6 @@
 """Text generation from a neo model: greedy and sampled decoding with a KV cache and batched prompts.
 
-The loop is written for the plain (tp = 1, pp = 1) model that ``neo.train.checkpoint.load_model`` returns
+The loop is written for the plain (tp = 1, pp = 1) model that ``neo.checkpoint.tensors.load_model`` returns
 for a checkpoint of any layout. Three choices shape it:
 
 * **KV cache, preallocated.** Every layer's keys and values live in one buffer sized for the longest
@@ -16,8 +16,7 @@ for a checkpoint of any layout. Three choices shape it:
 * **Only real token ids are sampled.** The model's logits cover the vocabulary padded to a multiple of
   128; ids at or above ``tokenizer.vocab_size`` are not tokens and are cut off before any sampling.
 
-Filters follow the order and the semantics of transformers' ``generate``: repetition penalty, then
-temperature, then top-k, then top-p (nucleus).
+The sampling settings and logits filters are in neo/sampling.py; they follow transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -29,53 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neo.errors import GenerationError  # noqa: F401 - re-exported: part of this module's API
+from neo.errors import GenerationError
 from neo.model.layers import Context, KVCache
-
-
-@dataclass
-class SamplingParams:
-    """How to choose each next token, and when to stop.
-
-    ``temperature = 0`` or ``greedy = True`` picks the most likely token. ``top_k = 0`` and ``top_p = 1``
-    disable those filters. ``seed`` makes sampling reproducible (None: a random seed, reported in
-    ``Generator.last_seed``). Generation stops at ``max_new_tokens``, at the end-of-document token when
-    ``stop_at_eod``, or when the text contains one of ``stop`` (the stop string is not returned).
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    greedy: bool = False
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_at_eod: bool = True
-
-    def __post_init__(self) -> None:
-        self.stop = tuple(self.stop)
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
-
-    def validate(self) -> None:
-        """Raise GenerationError naming the first out-of-range setting."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
-            raise GenerationError(
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"
-            )
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise GenerationError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+from neo.sampling import SamplingParams, next_tokens
 
 
 @dataclass
@@ -87,64 +42,6 @@ class Generation:
     finish_reason: str  # "eod" | "stop" | "length"
     prompt_tokens: int
     extra: dict = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------ logits filters
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty as transformers applies it: a seen token's logit is divided by ``penalty`` when
-    positive and multiplied by it when negative (so ``penalty > 1`` always makes it less likely).
-
-    logits [b, V] float; seen [b, V] bool (tokens of the prompt and of the text generated so far).
-    """
-    if penalty == 1.0:
-        return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits of each row (and any tied with the k-th); the rest become -inf."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to >= p.
-
-    A token is kept when the probability of the tokens ranked above it is still below ``p``, so the
-    most likely token is always kept and the kept set reaches ``p`` with its last member.
-    """
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    remove_sorted = mass_before >= p
-    remove_sorted[..., 0] = False
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
-def next_tokens(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    seen: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The next token of each row from logits [b, V] (already cut to the real vocabulary)."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.is_greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    logits = filter_top_p(filter_top_k(logits, params.top_k), params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------- batching helpers
@@ -357,11 +254,8 @@ class Generator:
         return b
 
     @torch.inference_mode()
-    def _batch(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator, use_cache: bool
-    ) -> list[Generation]:
-        b, width = len(prompts), max(len(p) for p in prompts)
-        new = params.max_new_tokens
+    def _check_length(self, width: int, new: int) -> None:
+        """Refuse what the model cannot place; warn once when rotary runs past its training length."""
         if self.max_length is not None and width + new > self.max_length:
             raise GenerationError(
                 f"prompt of {width} tokens + max_new_tokens {new} exceeds the model's length "
@@ -375,77 +269,119 @@ class Generator:
                 file=sys.stderr,
                 flush=True,
             )
+
+    def _seen_tokens(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[batch, vocab] flags of the tokens each row's prompt holds (pads excluded): the repetition penalty's."""
+        seen = torch.zeros((tokens.shape[0], self.vocab_size), dtype=torch.bool, device=self.device)
+        rows, cols = valid.nonzero(as_tuple=True)
+        seen[rows, tokens[rows, cols].clamp(max=self.vocab_size - 1)] = True
+        return seen
+
+    def _batch(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator, use_cache: bool
+    ) -> list[Generation]:
+        b, width = len(prompts), max(len(p) for p in prompts)
+        new = params.max_new_tokens
+        self._check_length(width, new)
         eod, device = self.tokenizer.eod_id, self.device
         tokens, valid = left_pad(prompts, eod, device)
-        padded = not bool(valid.all())
+        seen = self._seen_tokens(tokens, valid) if params.repetition_penalty != 1.0 else None
         # Room for every generated token; written column by column.
         seq = torch.cat([tokens, torch.full((b, new), eod, dtype=torch.long, device=device)], dim=1)
-        valid = torch.cat([valid, torch.ones((b, new), dtype=torch.bool, device=device)], dim=1)
-        positions = positions_of(valid)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros((b, self.vocab_size), dtype=torch.bool, device=device)
-            rows, cols = valid[:, :width].nonzero(as_tuple=True)  # real prompt tokens only, not the pads
-            seen[rows, tokens[rows, cols].clamp(max=self.vocab_size - 1)] = True
-        cache = KVCache(max_length=width + new if self.preallocate else None) if use_cache else None
-        scanner = _StopScanner(self._token_bytes, params.stop)
-        texts = [bytearray() for _ in range(b)]
-        out: list[list[int]] = [[] for _ in range(b)]
-        reasons: list[str | None] = [None] * b
-        cuts: list[int | None] = [None] * b
-        cur = width
-        ctx = Context(
-            positions=positions[:, :cur],
-            cache=cache,
-            mask=attention_mask(valid[:, :cur], cur) if padded else None,
+        steps = _Steps(
+            self.model,
+            seq,
+            valid=torch.cat([valid, torch.ones((b, new), dtype=torch.bool, device=device)], dim=1),
+            padded=not bool(valid.all()),
+            cache=KVCache(max_length=width + new if self.preallocate else None) if use_cache else None,
         )
-        logits = forward_last(self.model, seq[:, :cur], ctx)
+        rows = _Rows(
+            b, self._token_bytes, _StopScanner(self._token_bytes, params.stop), eod, params.stop_at_eod
+        )
+        logits = steps.prefill(width)
         for step in range(new):
             nxt = next_tokens(logits[:, : self.vocab_size], params, generator, seen)
-            seq[:, cur] = nxt
             if seen is not None:
                 seen[torch.arange(b, device=device), nxt] = True
-            cur += 1
-            for i, t in enumerate(nxt.tolist()):
-                if reasons[i] is not None:
-                    continue
-                if t == eod and params.stop_at_eod:
-                    reasons[i] = "eod"
-                    continue
-                out[i].append(t)
-                piece = self._token_bytes(t)
-                texts[i] += piece
-                cut = scanner.cut(texts[i], len(piece))
-                if cut is not None:
-                    reasons[i], cuts[i] = "stop", cut
-            if all(r is not None for r in reasons) or step == new - 1:
+            steps.append(nxt)
+            rows.add(nxt.tolist())
+            if rows.done or step == new - 1:
                 break
-            if use_cache:
-                ctx = Context(
-                    positions=positions[:, cur - 1 : cur],
-                    cache=cache,
-                    mask=valid[:, None, None, :cur] if padded else None,
-                )
-                logits = forward_last(self.model, seq[:, cur - 1 : cur], ctx)
-            else:
-                ctx = Context(
-                    positions=positions[:, :cur], mask=attention_mask(valid[:, :cur], cur) if padded else None
-                )
-                logits = forward_last(self.model, seq[:, :cur], ctx)
-        self.last_cache_bytes = cache.nbytes() if cache is not None else 0
+            logits = steps.next_logits()
+        self.last_cache_bytes = steps.cache.nbytes() if steps.cache is not None else 0
+        return rows.results(prompts)
+
+
+class _Steps:
+    """One batch's token columns and the forward passes over them: the prompt once, then one column per step
+    with the KV cache (or the whole prefix again without it)."""
+
+    def __init__(self, model, seq: torch.Tensor, valid: torch.Tensor, padded: bool, cache: KVCache | None):
+        self.model, self.seq, self.valid, self.padded, self.cache = model, seq, valid, padded, cache
+        self.positions = positions_of(valid)
+        self.cur = 0
+
+    def _mask(self, one_cached_query: bool) -> torch.Tensor | None:
+        """Padded keys masked out: a causal mask over the prefix, or one query's row over the cache."""
+        if not self.padded:
+            return None
+        if one_cached_query:
+            return self.valid[:, None, None, : self.cur]
+        return attention_mask(self.valid[:, : self.cur], self.cur)
+
+    def prefill(self, width: int) -> torch.Tensor:
+        """Last-position logits of the prompts (fills the cache)."""
+        self.cur = width
+        ctx = Context(positions=self.positions[:, :width], cache=self.cache, mask=self._mask(False))
+        return forward_last(self.model, self.seq[:, :width], ctx)
+
+    def append(self, nxt: torch.Tensor) -> None:
+        self.seq[:, self.cur] = nxt
+        self.cur += 1
+
+    def next_logits(self) -> torch.Tensor:
+        """Last-position logits after the newest column: one position with the cache, the prefix without."""
+        first = self.cur - 1 if self.cache is not None else 0
+        ctx = Context(positions=self.positions[:, first : self.cur], cache=self.cache,
+                      mask=self._mask(self.cache is not None))  # fmt: skip
+        return forward_last(self.model, self.seq[:, first : self.cur], ctx)
+
+
+class _Rows:
+    """Each row's generated tokens and text, and why it stopped (end of document, a stop string, or length)."""
+
+    def __init__(self, b: int, token_bytes, scanner: _StopScanner, eod: int, stop_at_eod: bool):
+        self.token_bytes, self.scanner, self.eod, self.stop_at_eod = token_bytes, scanner, eod, stop_at_eod
+        self.texts = [bytearray() for _ in range(b)]
+        self.out: list[list[int]] = [[] for _ in range(b)]
+        self.reasons: list[str | None] = [None] * b
+        self.cuts: list[int | None] = [None] * b
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def add(self, column: list[int]) -> None:
+        for i, t in enumerate(column):
+            if self.reasons[i] is not None:
+                continue
+            if t == self.eod and self.stop_at_eod:
+                self.reasons[i] = "eod"
+                continue
+            self.out[i].append(t)
+            piece = self.token_bytes(t)
+            self.texts[i] += piece
+            cut = self.scanner.cut(self.texts[i], len(piece))
+            if cut is not None:
+                self.reasons[i], self.cuts[i] = "stop", cut
+
+    def results(self, prompts: list[list[int]]) -> list[Generation]:
         results = []
-        for i in range(b):
-            text = bytes(texts[i][: cuts[i]] if cuts[i] is not None else texts[i]).decode(
-                "utf-8", errors="replace"
-            )
-            results.append(
-                Generation(
-                    text=text,
-                    tokens=out[i],
-                    finish_reason=reasons[i] or "length",
-                    prompt_tokens=len(prompts[i]),
-                )
-            )
+        for i, prompt in enumerate(prompts):
+            raw = self.texts[i][: self.cuts[i]] if self.cuts[i] is not None else self.texts[i]
+            text = bytes(raw).decode("utf-8", errors="replace")
+            results.append(Generation(text=text, tokens=self.out[i], finish_reason=self.reasons[i] or "length",
+                                      prompt_tokens=len(prompt)))  # fmt: skip
         return results
 
 

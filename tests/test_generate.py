@@ -25,9 +25,6 @@ from neo.generate import (
     GenerationError,
     Generator,
     SamplingParams,
-    apply_repetition_penalty,
-    filter_top_k,
-    filter_top_p,
     forward_last,
     left_pad,
     positions_of,
@@ -35,6 +32,7 @@ from neo.generate import (
 from neo.model.args import ModelArgs
 from neo.model.gpt import GPT
 from neo.model.layers import Context, KVCache
+from neo.sampling import apply_repetition_penalty, filter_top_k, filter_top_p
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +282,7 @@ def test_repetition_penalty_as_transformers():
 
 def test_sampled_distribution_follows_the_filtered_probabilities(tokenizer):
     """With top-k 2 at temperature 1, token frequencies over many draws match the renormalised softmax."""
-    from neo.generate import next_tokens
+    from neo.sampling import next_tokens
 
     logits = torch.tensor([[1.0, 2.0, 0.0, 1.5]]).repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)

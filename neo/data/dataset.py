@@ -228,6 +228,27 @@ def build_datasets(
     if not train_paths:
         raise DataError("no train data paths given")
     readers = {p: IndexedTokens(p) for p in [*train_paths, *valid_paths, *test_paths]}
+    _check_tokenizers(readers, tokenizer)
+    if valid_paths or test_paths:
+        listed = {"train": train_paths, "valid": valid_paths, "test": test_paths}
+        parts = {s: [(p, 0, len(readers[p])) for p in listed[s]] for s in SPLITS}
+    else:
+        ranges = {p: split_ranges(split, len(readers[p])) for p in train_paths}
+        parts = {s: [(p, *ranges[p][s]) for p in train_paths] for s in SPLITS}
+    out: dict[str, torch.utils.data.Dataset | None] = {}
+    for s in SPLITS:
+        if s == "train" and train_weights is not None:
+            weights = list(train_weights)
+        else:
+            weights = [int(readers[p].offsets[hi] - readers[p].offsets[lo]) for p, lo, hi in parts[s]]
+        live = [(part, w) for part, w in zip(parts[s], weights) if w > 0 and part[2] > part[1]]
+        n = int(num_samples.get(s, 0))
+        out[s] = _split_dataset(readers, live, s, n, seq_length, seed, cache_dir) if n > 0 and live else None
+    return out
+
+
+def _check_tokenizers(readers: dict[str, IndexedTokens], tokenizer: str | None) -> None:
+    """All files from one tokenizer, and that one the run's (when given)."""
     names = {r.tokenizer for r in readers.values()}
     if len(names) > 1:
         raise DataError(
@@ -239,70 +260,38 @@ def build_datasets(
             f"the data was tokenized with {names.pop()!r} but the run uses {tokenizer!r}; "
             "preprocess again with --tokenizer matching data.tokenizer (or change data.tokenizer)"
         )
-    if valid_paths or test_paths:
-        parts = {
-            "train": [(p, 0, len(readers[p])) for p in train_paths],
-            "valid": [(p, 0, len(readers[p])) for p in valid_paths],
-            "test": [(p, 0, len(readers[p])) for p in test_paths],
-        }
-    else:
-        ranges = {p: split_ranges(split, len(readers[p])) for p in train_paths}
-        parts = {s: [(p, *ranges[p][s]) for p in train_paths] for s in SPLITS}
-    out: dict[str, torch.utils.data.Dataset | None] = {}
-    for s in SPLITS:
-        n = int(num_samples.get(s, 0))
-        if s == "train" and train_weights is not None:
-            weights = list(train_weights)
-        else:
-            weights = [int(readers[p].offsets[hi] - readers[p].offsets[lo]) for p, lo, hi in parts[s]]
-        live = [(part, w) for part, w in zip(parts[s], weights) if w > 0 and part[2] > part[1]]
-        if n <= 0 or not live:
-            out[s] = None
-            continue
-        if len(live) == 1:
-            (p, lo, hi), _ = live[0]
-            out[s] = GPTDataset(
-                readers[p],
-                lo,
-                hi,
-                seq_length=seq_length,
-                seed=seed,
-                num_samples=n,
-                cache_dir=cache_dir,
-                split=s,
-            )
-            continue
-        root = Path(cache_dir) if cache_dir else Path(f"{live[0][0][0]}.cache")
-        key = _key(
-            parts=[(readers[p].meta["run_id"], lo, hi) for (p, lo, hi), _ in live],
-            w=[w for _, w in live],
-            n=n,
-            seq=seq_length,
-            seed=seed,
-        )
-        blend = cached_arrays(
-            root / f"blend-{s}-{key}",
-            lambda live=live, n=n: dict(zip(("which", "nth"), blend_index([w for _, w in live], n))),
-        )
-        which, nth = blend["which"], blend["nth"]
-        counts = np.bincount(which, minlength=len(live))
-        datasets = [
-            GPTDataset(
-                readers[p],
-                lo,
-                hi,
-                seq_length=seq_length,
-                seed=seed + i,
-                num_samples=int(c),
-                cache_dir=cache_dir,
-                split=s,
-            )
-            if c
-            else None
-            for i, (((p, lo, hi), _), c) in enumerate(zip(live, counts))
-        ]
-        out[s] = BlendedDataset(datasets, which, nth)
-    return out
+
+
+def _split_dataset(readers, live, split: str, n: int, seq_length: int, seed: int, cache_dir: str | None):
+    """One split's dataset of ``n`` samples: a GPTDataset over its one document range, or a blend over
+    several (``live``: ((path, first doc, end doc), weight) pairs); the blend index is cached like the rest."""
+
+    def part_dataset(p: str, lo: int, hi: int, part_seed: int, samples: int) -> GPTDataset:
+        return GPTDataset(readers[p], lo, hi, seq_length=seq_length, seed=part_seed, num_samples=samples,
+                          cache_dir=cache_dir, split=split)  # fmt: skip
+
+    if len(live) == 1:
+        (p, lo, hi), _ = live[0]
+        return part_dataset(p, lo, hi, seed, n)
+    root = Path(cache_dir) if cache_dir else Path(f"{live[0][0][0]}.cache")
+    key = _key(
+        parts=[(readers[p].meta["run_id"], lo, hi) for (p, lo, hi), _ in live],
+        w=[w for _, w in live],
+        n=n,
+        seq=seq_length,
+        seed=seed,
+    )
+    blend = cached_arrays(
+        root / f"blend-{split}-{key}",
+        lambda: dict(zip(("which", "nth"), blend_index([w for _, w in live], n))),
+    )
+    which, nth = blend["which"], blend["nth"]
+    counts = np.bincount(which, minlength=len(live))
+    datasets = [
+        part_dataset(p, lo, hi, seed + i, int(c)) if c else None
+        for i, (((p, lo, hi), _), c) in enumerate(zip(live, counts))
+    ]
+    return BlendedDataset(datasets, which, nth)
 
 
 def micro_batch_samples(dataset, *, consumed_samples: int, global_batch_size: int, micro_batch_size: int,

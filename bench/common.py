@@ -8,6 +8,7 @@ person reads). Nothing here imports torch at module level, so ``--help`` stays f
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -260,6 +261,13 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _jsonable(value):
+    """Config values in a record (dataclasses such as RopeScaling) as plain JSON; anything else as text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
 def write_record(
     name: str, record: dict, markdown: str, out_dir: str | Path | None = None
 ) -> tuple[Path, Path]:
@@ -269,6 +277,6 @@ def write_record(
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{name}-{record['date']}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    json_path.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
     md_path.write_text(markdown.replace("{environment}", environment_markdown(record)).rstrip() + "\n")
     return json_path, md_path

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
+from neo import ds_compat
 from neo.generate import SamplingParams
 from neo.objectives.base import MicroBatch, Objective
 from neo.rl.rollout import Rollout, pack, prompt_of, sample, score_tokens
@@ -85,9 +86,10 @@ class OnlineRL(Objective):
                                 top_p=o.top_p, seed=(self.cfg.seed * 1_000_003 + k * 7_919 + dp_rank) % 2**31)  # fmt: skip
         stop = tuple(self._template().stop) if self._template() else ()
         policy = tr.engine.module
-        responses, seconds = sample(policy, tr.tokenizer, prompts, params, stop)
-        tokens, mask = pack(prompts, responses, tr.tokenizer.eod_id)
-        old_logp, values = score_tokens(policy, tokens.to(tr.device), self.uses_critic)
+        with ds_compat.zero3_outside_engine(tr.engine):  # sampling and scoring run outside the engine's forward
+            responses, seconds = sample(policy, tr.tokenizer, prompts, params, stop)
+            tokens, mask = pack(prompts, responses, tr.tokenizer.eod_id)
+            old_logp, values = score_tokens(policy, tokens.to(tr.device), self.uses_critic)
         ref_logp = self.reference(tokens[:, :-1].to(tr.device),
                                   lambda head, hidden, _: head.token_logprobs(hidden, tokens[:, 1:].to(hidden.device))[0])  # fmt: skip
         rewards = torch.tensor(self.scorer(prompts, responses), dtype=torch.float32)

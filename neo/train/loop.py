@@ -96,7 +96,11 @@ class Trainer:
         if self.load:
             self._load_weights(model)
         if self.objective.needs_reference:
-            self.objective.reference = build.frozen_reference(model, cfg)
+            from neo import ds_compat
+
+            self.objective.reference = build.frozen_reference(
+                model, cfg, self.device, lambda: ds_compat.zero3_outside_engine(self.engine)
+            )
         self._neo_optimizer = build.build_optimizer(model, cfg, self.topo, self.device)
         self.engine, self.optimizer, self.scheduler = build.build_engine(
             model, self._neo_optimizer, cfg, self.topo, self.device

@@ -86,7 +86,7 @@ class OnlineRL(Objective):
                                 top_p=o.top_p, seed=(self.cfg.seed * 1_000_003 + k * 7_919 + dp_rank) % 2**31)  # fmt: skip
         stop = tuple(self._template().stop) if self._template() else ()
         policy = tr.engine.module
-        with ds_compat.zero3_outside_engine(tr.engine):  # sampling and scoring run outside the engine's forward
+        with ds_compat.zero3_outside_engine(tr.engine):  # they run outside the engine's forward
             responses, seconds = sample(policy, tr.tokenizer, prompts, params, stop)
             tokens, mask = pack(prompts, responses, tr.tokenizer.eod_id)
             old_logp, values = score_tokens(policy, tokens.to(tr.device), self.uses_critic)

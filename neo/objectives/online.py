@@ -38,6 +38,7 @@ class OnlineRL(Objective):
         super().__init__(cfg)
         self.rollout: Rollout | None = None
         self.trainer = None
+        self.last_rollout: dict[str, float] = {}  # the latest rollout's numbers, repeated until the next
 
     @property
     def group_size(self) -> int:
@@ -166,14 +167,14 @@ class OnlineRL(Objective):
             self.last_rollout = {"reward": mean, "reward_std": math.sqrt(max(sums["reward_sq_sum"] / m - mean**2, 0.0)),
                                  "response_len": sums["length_sum"] / m,
                                  "gen_s": sums["gen_seconds"] / max(sums["rollouts"], 1.0)}  # fmt: skip
-        return {**out, **getattr(self, "last_rollout", {})}
+        return {**out, **self.last_rollout}
 
     def validate(self, trainer) -> dict[str, float] | None:
         """Validation: one rollout on held-out prompts (no training on it): reward, KL, length."""
         dataset = trainer.datasets.get("valid")
         if dataset is None:
             return None
-        saved, self.rollout = self.rollout, None
+        saved, self.rollout = (self.rollout, self.last_rollout), None
         self.pop_sums()
         rollout = self.make_rollout(dataset, 0, trainer.topo.coord.data, trainer.topo.dp)
         from neo.rl.losses import kl_estimate
@@ -182,13 +183,21 @@ class OnlineRL(Objective):
             tokens=rollout.mask.sum(),
             kl_sum=(kl_estimate(rollout.old_logp, rollout.ref_logp) * rollout.mask).sum(),
         )
-        self.rollout = saved
         sums = trainer.reduced_sums()
         out = self.summarize(sums)
+        self.rollout, self.last_rollout = saved  # training's numbers stand, not the held-out rollout's
         return {"loss": -out["reward"], "reward": out["reward"], "reward_std": out["reward_std"], "kl": out["kl"],
                 "response_len": out["response_len"]}  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """The latest rollout's numbers, which the records repeat until the next rollout (a resume in the
+        middle of a rollout reports them as the uninterrupted run does)."""
+        return {"last_rollout": self.last_rollout}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_rollout = dict(state.get("last_rollout") or {})
+
     def tensor_state(self) -> dict[str, torch.Tensor]:
         return self.rollout.state() if self.rollout is not None else {}
 

@@ -72,14 +72,14 @@ def test_the_reward_rises_with_kl_bounded_and_every_metric_reported(runs, kind):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("kind", ["ppo", "grpo"])
-def test_tensor_parallel_gives_the_one_process_run(runs, prompts, tiny_checkpoint, tmp_path, kind):
+def test_tensor_parallel_ppo_gives_the_one_process_run(runs, prompts, tiny_checkpoint, tmp_path):
     """Every TP rank samples the same tokens from the gathered logits with the one-process seed: the same
-    rollouts, rewards and losses over the first 2 rollouts (4 steps; fp32, 1e-4 relative)."""
+    rollouts, rewards and losses over the first 2 rollouts (4 steps; fp32, 1e-4 relative). PPO: the policy,
+    its critic and the frozen reference are all split over the two ranks."""
     run = train(
-        tmp_path, prompts, tiny_checkpoint, kind, "parallel.tp=2", "schedule.exit_interval=4", nproc=2
+        tmp_path, prompts, tiny_checkpoint, "ppo", "parallel.tp=2", "schedule.exit_interval=4", nproc=2
     )
-    ours, single = steps_of(run), steps_of(runs(kind))[:4]
+    ours, single = steps_of(run), steps_of(runs("ppo"))[:4]
     assert len(ours) == 4
     for a, b in zip(ours, single):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
@@ -98,15 +98,15 @@ def test_zero3_data_parallel_grpo_learns(prompts, tiny_checkpoint, tmp_path):
     assert max(r["kl"] for r in recs) <= MAX_KL
 
 
-@pytest.mark.parametrize("kind", ["ppo"])
-def test_a_resumed_run_repeats_the_uninterrupted_one(runs, prompts, tiny_checkpoint, tmp_path, kind):
-    """Stopped after step 5, inside the third rollout (its second step), and resumed: the same rollouts,
-    rewards, losses and metrics at every step (timings aside) as the uninterrupted run. The checkpoint keeps
-    the rollout in training, the latest rollout's numbers and the reference the run began from."""
-    train(tmp_path, prompts, tiny_checkpoint, kind, "schedule.exit_interval=5")
-    resumed = train(tmp_path, prompts, tiny_checkpoint, kind)
-    ours, full = steps_of(resumed), steps_of(runs(kind))
-    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
+def test_a_resumed_run_repeats_the_uninterrupted_one(runs, prompts, tiny_checkpoint, tmp_path):
+    """PPO stopped after step 5, inside the third rollout (its second step), and resumed for 3 steps: the same
+    rollouts, rewards, losses and metrics at every step (timings aside) as the uninterrupted run. The
+    checkpoint keeps the rollout in training, the latest rollout's numbers and the reference the run began
+    from (the policy's start, not the weights the resume loads)."""
+    train(tmp_path, prompts, tiny_checkpoint, "ppo", "schedule.exit_interval=5")
+    resumed = train(tmp_path, prompts, tiny_checkpoint, "ppo", "schedule.exit_interval=3")
+    ours, full = steps_of(resumed), steps_of(runs("ppo"))
+    assert [r["step"] for r in ours] == list(range(1, 9))
     for a, b in zip(ours, full):
         for key in b.keys() - TIMINGS:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)

@@ -137,11 +137,12 @@ def gathered_parameters(params: list[torch.nn.Parameter]):
 
 @contextlib.contextmanager
 def zero3_outside_engine(engine):
-    """A context for running the engine's module outside the engine's own forward (rollout sampling, the
-    adapter-free reference). Under ZeRO-3 the partitioned parameters are gathered for the duration and
-    DeepSpeed's module hooks are taken off meanwhile: they would release a layer's weights after its forward,
-    while neo reads some (the blocks' output biases) after it. As TRL's ``unwrap_model_for_generation``:
-    private attributes of ``DeepSpeedZeRoOffload``. Without ZeRO-3, nothing to do."""
+    """A context for running the engine's module outside the engine's own forward (rollout sampling, which
+    calls the layers one by one with a KV cache). Under ZeRO-3 the partitioned parameters are gathered for the
+    duration and DeepSpeed's module hooks are taken off meanwhile: called layer by layer, without the root
+    module's hook, they release a layer's weights after its forward while neo reads some after it (the
+    blocks' output biases). As TRL's ``unwrap_model_for_generation``: private attributes of
+    ``DeepSpeedZeRoOffload``. Without ZeRO-3, nothing to do."""
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
     if offload is None:
         yield

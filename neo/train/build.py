@@ -92,13 +92,12 @@ def lora_spec(cfg: Config):
     return LoRASpec(lo.rank, lo.alpha, lo.dropout, list(lo.targets), dict(lo.rank_pattern))
 
 
-def frozen_reference(model: torch.nn.Module, cfg: Config, device: torch.device, outside_engine=None):
+def frozen_reference(model: torch.nn.Module, cfg: Config, device: torch.device):
     """DPO's and RL's reference, as ``forward(inputs, loss_fn) -> loss_fn(head, hidden, ())``: with LoRA the
     policy with its adapters switched off; otherwise a frozen copy of ``model`` (the policy as it starts, its
     weights loaded) in the training dtype, on the training device (DeepSpeed moves only the policy). Plain
-    form only (the config refuses DPO and RL with a pipeline). The adapter-free forward runs the policy outside
-    its engine, in the context ``outside_engine()`` gives (ZeRO-3 gathers the partitioned weights there)."""
-    import contextlib
+    form only (the config refuses DPO and RL with a pipeline). Under ZeRO-3 the adapter-free forward is a call
+    of the whole module, whose DeepSpeed hooks gather each layer's weights as the engine's forward does."""
     import copy
 
     from neo.model.gpt import set_loss
@@ -107,7 +106,7 @@ def frozen_reference(model: torch.nn.Module, cfg: Config, device: torch.device, 
         from neo.model.lora import lora_disabled
 
         def base_forward(inputs, loss_fn):
-            with outside_engine() if outside_engine else contextlib.nullcontext(), lora_disabled(model):
+            with lora_disabled(model):
                 set_loss(model, loss_fn)
                 try:
                     return model(inputs, labels=())

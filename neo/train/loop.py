@@ -195,7 +195,6 @@ class Trainer:
         (``reference``: the checkpoint it started from, or None for the seeded initialization), so that a
         resumed run compares with the same reference as an uninterrupted one, not with the resumed weights.
         With LoRA it is the policy with its adapters off (its base never changes)."""
-        from neo import ds_compat
         from neo.checkpoint.lora import base_record
 
         plan = self.load
@@ -209,9 +208,7 @@ class Trainer:
             start = build.build_model(self.args, self.cfg, self.topo)
             if self.reference_start["path"]:
                 ckpt_load.copy_weights_into(start, self.reference_start["path"], self.topo)
-        return build.frozen_reference(
-            start, self.cfg, self.device, lambda: ds_compat.zero3_outside_engine(self.engine)
-        )
+        return build.frozen_reference(start, self.cfg, self.device)
 
     def _finish_load(self) -> None:
         plan, meta = self.load, self.load.meta

@@ -9,6 +9,7 @@ moves one fails there, loudly, in one place. Tested with DeepSpeed 0.19.8 (pypro
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -132,6 +133,31 @@ def gathered_parameters(params: list[torch.nn.Parameter]):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+@contextlib.contextmanager
+def zero3_outside_engine(engine):
+    """A context for running the engine's module outside the engine's own forward (rollout sampling, which
+    calls the layers one by one with a KV cache). Under ZeRO-3 the partitioned parameters are gathered for the
+    duration and DeepSpeed's module hooks are taken off meanwhile: called layer by layer, without the root
+    module's hook, they release a layer's weights after its forward while neo reads some after it (the
+    blocks' output biases). As TRL's ``unwrap_model_for_generation``: private attributes of
+    ``DeepSpeedZeRoOffload``. Without ZeRO-3, nothing to do."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        yield
+        return
+    params = list(engine.module.parameters())
+    with gathered_parameters(params):
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
 
 
 # ------------------------------------------------------------------------------- engine state

@@ -159,13 +159,15 @@ def train_command(nproc: int = 1) -> list[str]:
 
 
 def run_training(run_dir: Path, *overrides: str, nproc: int = 1, configs: tuple[str, ...] = (TINY,),
-                 timeout: int = 300, check: bool = True) -> Run:  # fmt: skip
+                 timeout: int = 300, check: bool = True, env: dict[str, str] | None = None) -> Run:  # fmt: skip
     """Train with the real launcher and collect the results. With ``check``, the run must exit 0 (or die of
-    SIGABRT after writing its end record: gloo's threads at interpreter exit, see docs) and finish."""
+    SIGABRT after writing its end record: gloo's threads at interpreter exit, see docs) and finish. ``env``:
+    variables to set on top of the clean environment (e.g. a PYTHONPATH for a reward function)."""
     cmd = [*train_command(nproc), *configs, "--set", f"logging.dir={run_dir}"]
     for o in overrides:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(**(env or {})),
+                          cwd=ROOT)  # fmt: skip
     run = Run(proc, run_dir)
     if check:
         aborted_at_exit = run.finished and aborted(proc.returncode, run.output)

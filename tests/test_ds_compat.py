@@ -80,6 +80,16 @@ def _zero3(rank: int, world: int) -> dict:
     )  # its full size, whether ZeRO-3 partitioned it or kept it whole
     with ds_compat.gathered_parameters([p]):
         assert tuple(p.shape) == (256, 64)
+    # the module called outside the engine (rollouts, LoRA's reference) computes what the engine does, and
+    # the engine's hooks work again afterwards
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        inside = float(engine(tokens[:, :-1], tokens[:, 1:]))
+        with ds_compat.zero3_outside_engine(engine):
+            outside = float(engine.module(tokens[:, :-1], tokens[:, 1:]))
+    assert abs(inside - outside) < 1e-6
+    engine.backward(engine(tokens[:, :-1], tokens[:, 1:]))
+    engine.step()
     return {"ok": True}
 
 

@@ -8,7 +8,8 @@ authors' normalization). The rewards beta (pi - ref), their margin and the order
 
 The reference log-probabilities are computed in the same step, before the policy's forward (``start_step``),
 by the trainer's reference model: with LoRA, the policy itself with its adapters switched off (no second
-copy of the weights); otherwise a frozen copy of the initial policy. Pipeline parallelism is refused (the
+copy of the weights); otherwise a frozen copy of the initial policy (a resumed run rebuilds it from the
+checkpoint it began with, which its checkpoints record). Pipeline parallelism is refused (the
 reference would have to run through the stages too); TP and ZeRO work.
 """
 

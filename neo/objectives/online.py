@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
+from neo import ds_compat
 from neo.generate import SamplingParams
 from neo.objectives.base import MicroBatch, Objective
 from neo.rl.rollout import Rollout, pack, prompt_of, sample, score_tokens
@@ -37,6 +38,7 @@ class OnlineRL(Objective):
         super().__init__(cfg)
         self.rollout: Rollout | None = None
         self.trainer = None
+        self.last_rollout: dict[str, float] = {}  # the latest rollout's numbers, repeated until the next
 
     @property
     def group_size(self) -> int:
@@ -85,9 +87,10 @@ class OnlineRL(Objective):
                                 top_p=o.top_p, seed=(self.cfg.seed * 1_000_003 + k * 7_919 + dp_rank) % 2**31)  # fmt: skip
         stop = tuple(self._template().stop) if self._template() else ()
         policy = tr.engine.module
-        responses, seconds = sample(policy, tr.tokenizer, prompts, params, stop)
-        tokens, mask = pack(prompts, responses, tr.tokenizer.eod_id)
-        old_logp, values = score_tokens(policy, tokens.to(tr.device), self.uses_critic)
+        with ds_compat.zero3_outside_engine(tr.engine):  # they run outside the engine's forward
+            responses, seconds = sample(policy, tr.tokenizer, prompts, params, stop)
+            tokens, mask = pack(prompts, responses, tr.tokenizer.eod_id)
+            old_logp, values = score_tokens(policy, tokens.to(tr.device), self.uses_critic)
         ref_logp = self.reference(tokens[:, :-1].to(tr.device),
                                   lambda head, hidden, _: head.token_logprobs(hidden, tokens[:, 1:].to(hidden.device))[0])  # fmt: skip
         rewards = torch.tensor(self.scorer(prompts, responses), dtype=torch.float32)
@@ -164,14 +167,14 @@ class OnlineRL(Objective):
             self.last_rollout = {"reward": mean, "reward_std": math.sqrt(max(sums["reward_sq_sum"] / m - mean**2, 0.0)),
                                  "response_len": sums["length_sum"] / m,
                                  "gen_s": sums["gen_seconds"] / max(sums["rollouts"], 1.0)}  # fmt: skip
-        return {**out, **getattr(self, "last_rollout", {})}
+        return {**out, **self.last_rollout}
 
     def validate(self, trainer) -> dict[str, float] | None:
         """Validation: one rollout on held-out prompts (no training on it): reward, KL, length."""
         dataset = trainer.datasets.get("valid")
         if dataset is None:
             return None
-        saved, self.rollout = self.rollout, None
+        saved, self.rollout = (self.rollout, self.last_rollout), None
         self.pop_sums()
         rollout = self.make_rollout(dataset, 0, trainer.topo.coord.data, trainer.topo.dp)
         from neo.rl.losses import kl_estimate
@@ -180,13 +183,21 @@ class OnlineRL(Objective):
             tokens=rollout.mask.sum(),
             kl_sum=(kl_estimate(rollout.old_logp, rollout.ref_logp) * rollout.mask).sum(),
         )
-        self.rollout = saved
         sums = trainer.reduced_sums()
         out = self.summarize(sums)
+        self.rollout, self.last_rollout = saved  # training's numbers stand, not the held-out rollout's
         return {"loss": -out["reward"], "reward": out["reward"], "reward_std": out["reward_std"], "kl": out["kl"],
                 "response_len": out["response_len"]}  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """The latest rollout's numbers, which the records repeat until the next rollout (a resume in the
+        middle of a rollout reports them as the uninterrupted run does)."""
+        return {"last_rollout": self.last_rollout}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_rollout = dict(state.get("last_rollout") or {})
+
     def tensor_state(self) -> dict[str, torch.Tensor]:
         return self.rollout.state() if self.rollout is not None else {}
 

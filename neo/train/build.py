@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 
 from neo.config import Config, deepspeed_config
 from neo.errors import ConfigError
@@ -91,10 +92,12 @@ def lora_spec(cfg: Config):
     return LoRASpec(lo.rank, lo.alpha, lo.dropout, list(lo.targets), dict(lo.rank_pattern))
 
 
-def frozen_reference(model: torch.nn.Module, cfg: Config):
-    """DPO's reference, as ``forward(inputs, loss_fn) -> loss_fn(head, hidden, ())``: with LoRA the policy with
-    its adapters switched off; otherwise a frozen copy of the policy as it starts (after its weights were
-    loaded), in the training dtype. Plain form only (the config refuses DPO with a pipeline)."""
+def frozen_reference(model: torch.nn.Module, cfg: Config, device: torch.device):
+    """DPO's and RL's reference, as ``forward(inputs, loss_fn) -> loss_fn(head, hidden, ())``: with LoRA the
+    policy with its adapters switched off; otherwise a frozen copy of ``model`` (the policy as it starts, its
+    weights loaded) in the training dtype, on the training device (DeepSpeed moves only the policy). Plain
+    form only (the config refuses DPO and RL with a pipeline). Under ZeRO-3 the adapter-free forward is a call
+    of the whole module, whose DeepSpeed hooks gather each layer's weights as the engine's forward does."""
     import copy
 
     from neo.model.gpt import set_loss
@@ -113,7 +116,9 @@ def frozen_reference(model: torch.nn.Module, cfg: Config):
         policy_loss = model.loss_fn
         return base_forward
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype, torch.float32)
-    reference = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    # a process group cannot be copied: the copy shares the policy's (its TP slices need the same group)
+    groups = {id(v): v for m in model.modules() for v in vars(m).values() if isinstance(v, dist.ProcessGroup)}
+    reference = copy.deepcopy(model, memo=groups).to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def forward(inputs, loss_fn):
         set_loss(reference, loss_fn)

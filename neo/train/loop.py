@@ -96,7 +96,7 @@ class Trainer:
         if self.load:
             self._load_weights(model)
         if self.objective.needs_reference:
-            self.objective.reference = build.frozen_reference(model, cfg)
+            self.objective.reference = self._reference(model)
         self._neo_optimizer = build.build_optimizer(model, cfg, self.topo, self.device)
         self.engine, self.optimizer, self.scheduler = build.build_engine(
             model, self._neo_optimizer, cfg, self.topo, self.device
@@ -190,6 +190,26 @@ class Trainer:
             ckpt_load.copy_weights_into(model, plan.path, self.topo)
             self.lora_base = base_record(plan.path)
 
+    def _reference(self, model: torch.nn.Module):
+        """DPO's and RL's frozen reference: the policy this run began from, recorded in its checkpoints
+        (``reference``: the checkpoint it started from, or None for the seeded initialization), so that a
+        resumed run compares with the same reference as an uninterrupted one, not with the resumed weights.
+        With LoRA it is the policy with its adapters off (its base never changes)."""
+        from neo.checkpoint.lora import base_record
+
+        plan = self.load
+        resumed = plan is not None and plan.mode != "weights" and "reference" in plan.meta
+        if resumed:
+            self.reference_start = plan.meta["reference"]
+        else:
+            self.reference_start = base_record(plan.path) if plan is not None else {"path": None}
+        start = model
+        if resumed and not self.cfg.lora.rank:  # rebuilt: the same seed gives the same initialization
+            start = build.build_model(self.args, self.cfg, self.topo)
+            if self.reference_start["path"]:
+                ckpt_load.copy_weights_into(start, self.reference_start["path"], self.topo)
+        return build.frozen_reference(start, self.cfg, self.device)
+
     def _finish_load(self) -> None:
         plan, meta = self.load, self.load.meta
         if plan.mode != "weights":
@@ -215,6 +235,8 @@ class Trainer:
                 "objective": self.objective.name, "objective_state": self.objective.state_dict(),
                 "lr_schedule": self.scheduler.state_dict(), "engine": ds_compat.engine_state(self.engine),
                 **self.objective.checkpoint_meta(), **self._lora_meta()}  # fmt: skip
+        if self.objective.needs_reference:
+            meta["reference"] = self.reference_start
         adapters_only = bool(meta.get("lora", {}).get("base"))
         path = ckpt_save.save(self.engine, self.cfg.checkpoint_dir, self.iteration, meta,
                               self.cfg.checkpoint.keep_last_n, topo=self.topo, zero_stage=self.cfg.zero.stage,

@@ -22,8 +22,8 @@ import pytest
 from runs import ROOT, TINY, checkpoints, end_codes, losses, make_tokens, records, run_training, steps
 from slurm_cluster import LocalSlurm, job_env, read_log, unavailable_reason, wait_for_step
 
-from neo.checkpoint.layout import find_latest
 from neo.checkpoint.files import verify
+from neo.checkpoint.layout import find_latest
 from neo.checkpoint.manifest import read_meta
 
 pytestmark = pytest.mark.slurm

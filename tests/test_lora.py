@@ -157,3 +157,26 @@ def _tp(rank: int, world: int) -> dict:
 def test_adapters_under_tensor_parallelism_are_exact_slices():
     for errors in spawn(_tp, 2):
         assert errors["loss"] <= 1e-6 and max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.parametrize(
+    "head", [{"head": "score"}, {"value_head": True}], ids=["reward-score-head", "ppo-value-head"]
+)
+def test_heads_an_objective_adds_train_in_full_and_merge_with_the_adapters(head):
+    """A reward model's score head and PPO's value head are new to the checkpoint LoRA starts from: they train
+    beside the adapters (frozen, they would stay random) and come back from the adapters-only checkpoint."""
+    from neo.model.args import ModelArgs
+    from neo.model.gpt import GPT
+    from neo.model.lora import LoRASpec, apply_lora, is_adapter, merge
+
+    model = GPT(ModelArgs(n_layers=2, hidden_size=64, n_heads=4, vocab_size=128, **head))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = LoRASpec(4, 8.0, 0.0, ["qkv", "attn_out", "mlp_in", "mlp_out"], {})
+    apply_lora(model, spec, seed=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    heads = {n for n in trainable if not is_adapter(n)}
+    assert heads and all(("score_head" in n) or ("value_head" in n) for n in heads), heads
+    saved = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    merged = merge(base, saved, spec.to_dict())
+    assert all(torch.equal(merged[n], saved[n]) for n in heads)
+    assert not any(is_adapter(k) for k in merged)

@@ -68,9 +68,12 @@ def _has(block: torch.nn.Module, name: str) -> bool:
 
 
 def apply_lora(model: torch.nn.Module, spec: LoRASpec, seed: int) -> int:
-    """Attach the adapters and freeze the rest; returns the trainable parameter count on this rank."""
+    """Attach the adapters and freeze the rest, except the scalar heads an objective adds (a reward model's
+    score head, PPO's value head: ``neo_fresh``, new to the checkpoint the run starts from), which train in
+    full and are saved beside the adapters (PEFT's ``modules_to_save``). Returns the trainable parameter count
+    on this rank."""
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(bool(getattr(p, "neo_fresh", False)))
     for block in _blocks(model):
         for target, name, linear in target_modules(block, spec.targets):
             generator = torch.Generator().manual_seed(lora_seed(seed, block.attention.layer_number, name))
@@ -99,8 +102,10 @@ def merge(
     state: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], spec: dict
 ) -> dict[str, torch.Tensor]:
     """Full (unsplit) base weights with the full adapters folded in: W + (alpha / r) B A for every adapted
-    linear, computed in fp64 and cast back to W's dtype."""
+    linear, computed in fp64 and cast back to W's dtype. The checkpoint's other tensors (the heads trained in
+    full beside the adapters) are taken as they are."""
     out = dict(state)
+    out.update({k: v for k, v in adapters.items() if not is_adapter(k)})
     for name in [k for k in adapters if k.endswith(".lora_A")]:
         module = name.removesuffix(".lora_A")
         a, b = adapters[name].double(), adapters[f"{module}.lora_B"].double()

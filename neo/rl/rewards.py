@@ -1,13 +1,16 @@
 """Where rewards come from: a Python function, or a reward model's checkpoint.
 
 ``objective.reward: "module:function"`` names ``function(prompts: list[str], responses: list[str]) ->
-list[float]`` (the module importable: installed, or on PYTHONPATH). ``objective.reward_model: CKPT`` names
-a neo reward-model checkpoint (``objective.type: reward``): its score at the last token of prompt + response.
+list[float]`` (the module importable: from the current directory, installed, or on PYTHONPATH).
+``objective.reward_model: CKPT`` names a neo reward-model checkpoint (``objective.type: reward``): its score
+at the last token of prompt + response.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -20,6 +23,8 @@ def load_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise ConfigError([f"objective.reward = {spec!r} must be 'module:function'"])
+    if os.getcwd() not in sys.path:  # `python launch/train.py` puts launch/ first, not the current directory
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:

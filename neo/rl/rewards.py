@@ -9,6 +9,8 @@ at the last token of prompt + response.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -23,14 +25,34 @@ def load_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise ConfigError([f"objective.reward = {spec!r} must be 'module:function'"])
-    if os.getcwd() not in sys.path:  # `python launch/train.py` puts launch/ first, not the current directory
-        sys.path.insert(0, os.getcwd())
     try:
+        _import_top_level_from_cwd(module_name)
         fn = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:
         raise ConfigError([f"objective.reward = {spec!r}: {e}. Fix: a module on the Python path (PYTHONPATH) with "
                            "a function f(prompts, responses) -> list of floats."]) from None  # fmt: skip
     return fn
+
+
+def _import_top_level_from_cwd(module_name: str) -> None:
+    """Import the module's top-level package from the current directory when it is there and not yet imported.
+
+    `python launch/train.py` puts launch/, not the current directory, on the path, yet a user's reward module
+    sits beside their configs; finding just that one name here leaves sys.path as it was for everything else.
+    """
+    top = module_name.split(".")[0]
+    if top in sys.modules:
+        return
+    spec = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+    if spec is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[top] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[top]
+        raise
 
 
 class RewardModel:

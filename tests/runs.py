@@ -95,6 +95,12 @@ def records(run_dir: Path) -> list[dict]:
     return out
 
 
+def rel_curve(a: list[float], b: list[float]) -> float:
+    """The largest relative difference between two curves of the same length (b the reference)."""
+    assert len(a) == len(b) and a, (a, b)
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
 def steps(recs: list[dict]) -> list[int]:
     return [r["step"] for r in recs if "loss" in r]
 

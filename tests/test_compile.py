@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from runs import TINY, run_training
+from runs import TINY, rel_curve, run_training
 
 STEPS = 10
 TRAIN = (
@@ -26,11 +26,6 @@ TRAIN = (
     "batch.micro_batch_size=4",
     "checkpoint.save_interval=0",
 )
-
-
-def rel_curve(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) and a, (a, b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")

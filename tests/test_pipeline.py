@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from runs import BF16_FIRST_STEPS, run_training
+from runs import BF16_FIRST_STEPS, rel_curve, run_training
 
 pytestmark = pytest.mark.multiproc
 
@@ -19,11 +19,6 @@ TRAIN = (
     "logging.interval=5",
     "batch.global_batch_size=8",
 )
-
-
-def rel_curve(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) and a, (a, b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 def reference(tmp_path_factory, sample_tokens, *extra: str):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from runs import ROOT, clean_env, make_tokens, run_training
+from runs import ROOT, clean_env, make_tokens, rel_curve, run_training
 
 SAMPLE = ROOT / "data" / "sample" / "preference.jsonl"
 SUBSET = 8  # records (one prompt group each) of the validation file: one global batch of 8 groups
@@ -23,11 +23,6 @@ DPO = ("model.seq_length=64", "logging.interval=1", "objective.type=dpo", f"sche
        "optimizer.lr=5e-3", "schedule.warmup=0", "schedule.decay=constant", "eval.interval=0", "eval.iters=2",
        "batch.global_batch_size=4", "batch.micro_batch_size=2")  # fmt: skip
 LORA = ("lora.rank=4", "lora.alpha=8", "optimizer.lr=1e-2")
-
-
-def rel_curve(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) and a, (a, b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")

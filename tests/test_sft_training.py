@@ -4,17 +4,12 @@ layout, packing, fine-tuning a pretrained checkpoint, and chat generation from t
 from __future__ import annotations
 
 import pytest
-from runs import ROOT, make_tokens, run_training
+from runs import ROOT, make_tokens, rel_curve, run_training
 
 STEPS = 10
 TRAIN = (f"schedule.iterations={STEPS}", "schedule.warmup=2", "optimizer.lr=3e-3", "eval.interval=5",
          "eval.iters=2", "logging.interval=5", "objective.type=sft", "model.seq_length=128",
          "data.split=90,10", "batch.global_batch_size=8")  # fmt: skip
-
-
-def rel_curve(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) and a, (a, b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from distributed_helpers import spawn
+from runs import rel_curve
 
 from neo.model.args import ModelArgs
 from neo.model.gpt import GPT
@@ -222,11 +223,6 @@ TRAIN = (
     "eval.iters=2",
     "logging.interval=5",
 )
-
-
-def rel_curve(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) and a
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")

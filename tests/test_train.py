@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from runs import BF16_FIRST_STEPS, ROOT, TINY, clean_env, make_tokens, run_training
+from runs import BF16_FIRST_STEPS, ROOT, TINY, clean_env, make_tokens, rel_curve, run_training
 
 STEPS = 10
 COMMON = (
@@ -21,11 +21,6 @@ COMMON = (
     "logging.interval=5",
     "checkpoint.save_interval=0",
 )
-
-
-def rel_diff(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b) and a, (a, b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +91,8 @@ def test_data_parallel_equals_single_process(reference, sample_tokens, tmp_path,
         nproc=2,
     )
     assert "data-parallel 2" in run.output
-    assert rel_diff(run.losses, reference.losses) <= 1e-4
-    assert rel_diff(run.valid_losses, reference.valid_losses) <= 1e-4
+    assert rel_curve(run.losses, reference.losses) <= 1e-4
+    assert rel_curve(run.valid_losses, reference.valid_losses) <= 1e-4
 
 
 @pytest.mark.multiproc
@@ -114,7 +109,7 @@ def test_bf16_zero2_trains_close_to_fp32(reference, sample_tokens, tmp_path):
         *BF16_FIRST_STEPS,
         nproc=2,
     )
-    assert len(run.losses) == 5 and rel_diff(run.losses, reference.losses[:5]) <= 0.02
+    assert len(run.losses) == 5 and rel_curve(run.losses, reference.losses[:5]) <= 0.02
     assert run.losses[-1] < run.losses[0] - 0.3
 
 
@@ -161,7 +156,7 @@ def test_cpu_optimizer_offload_and_tensorboard_for_real(sample_tokens, tmp_path)
     offload = (*args, "zero.offload_optimizer=cpu", "logging.tensorboard=true")
     run_training(tmp_path / "offload", *offload, "schedule.exit_interval=2")
     resumed = run_training(tmp_path / "offload", *offload)
-    assert "resumed from" in resumed.output and rel_diff(resumed.losses, plain.losses) <= 1e-5
+    assert "resumed from" in resumed.output and rel_curve(resumed.losses, plain.losses) <= 1e-5
     events = EventAccumulator(str(tmp_path / "offload" / "tensorboard"))
     events.Reload()
     scalars = [(e.step, e.value) for e in events.Scalars("loss")]

@@ -94,18 +94,12 @@ def load_full_weights(path: str, *, checksums: bool = True) -> tuple[dict[str, t
         from neo.model.lora import merge
 
         base_state, _ = load_full_weights(lora_base(meta, path, checksums), checksums=checksums)
-        names = _state_names(meta["model"])  # a reward model's base has an LM head it does not use
+        from neo.model.args import ModelArgs
+        from neo.model.gpt import parameter_names
+
+        names = parameter_names(ModelArgs(**meta["model"]))  # a reward model's base has an LM head it lacks
         state = merge({k: v for k, v in base_state.items() if k in names}, state, meta["lora"]["spec"])
     return state, meta
-
-
-def _state_names(model: dict) -> set[str]:
-    """The state-dict keys of the plain model with these ModelArgs (built on the meta device: no memory)."""
-    from neo.model.args import ModelArgs
-    from neo.model.gpt import GPT
-
-    with torch.device("meta"):
-        return set(GPT(ModelArgs(**model)).state_dict())
 
 
 def _shape(model: dict) -> dict:

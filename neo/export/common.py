@@ -130,12 +130,3 @@ def check_names(got: set[str], expected: set[str], what: str) -> None:
             f"{what}: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
             f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}"
         )
-
-
-def neo_names(args: ModelArgs) -> set[str]:
-    """The plain model's parameter names for ``args``, from the model code itself (built on the meta
-    device: no memory, no initialisation cost, even for 8B shapes)."""
-    from neo.model.gpt import GPT
-
-    with torch.device("meta"):
-        return {name for name, _ in GPT(args).named_parameters()}

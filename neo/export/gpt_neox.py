@@ -15,12 +15,12 @@ from neo.export.common import (
     Family,
     check_names,
     common_problems,
-    neo_names,
     refuse,
     rope_parameters,
     rope_scaling_from,
 )
 from neo.model.args import ModelArgs
+from neo.model.gpt import parameter_names
 
 BLOCK_PARAMS = (
     "input_layernorm.weight",
@@ -111,7 +111,7 @@ class GPTNeoX(Family):
         }
         check_names(set(state), set(inverse), "GPTNeoX weights")
         out = {inverse[k]: v for k, v in state.items()}
-        check_names(set(out), neo_names(args), "GPTNeoX weights vs neo's model")
+        check_names(set(out), parameter_names(args), "GPTNeoX weights vs neo's model")
         return out
 
     def args_from_config(self, config) -> ModelArgs:

@@ -20,12 +20,12 @@ from neo.export.common import (
     Family,
     check_names,
     common_problems,
-    neo_names,
     refuse,
     rope_parameters,
     rope_scaling_from,
 )
 from neo.model.args import ModelArgs
+from neo.model.gpt import parameter_names
 
 # neo's name inside a block -> transformers' name inside ``model.layers.{i}`` (q/k/v are split separately)
 RENAMES = {
@@ -116,7 +116,7 @@ class Llama(Family):
         return dict(attention_bias=args.bias, mlp_bias=args.bias)
 
     def to_hf(self, state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-        check_names(set(state), neo_names(args), f"neo weights vs {self.arch}")
+        check_names(set(state), parameter_names(args), f"neo weights vs {self.arch}")
         L = args.n_layers
         out = {"model.embed_tokens.weight": state["layers.0.word_embeddings.weight"]}
         for i in range(L):
@@ -154,7 +154,7 @@ class Llama(Family):
         if not args.tie_embeddings:
             out[f"layers.{L + 2}.embed_out.weight"] = state.pop("lm_head.weight", None)
         out = {k: v for k, v in out.items() if v is not None}
-        check_names(set(out) | set(state), neo_names(args), f"{self.arch} weights (as neo names)")
+        check_names(set(out) | set(state), parameter_names(args), f"{self.arch} weights (as neo names)")
         return out
 
     def args_from_config(self, config) -> ModelArgs:

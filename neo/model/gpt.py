@@ -308,6 +308,13 @@ def set_loss(model: torch.nn.Module, fn) -> None:
         model.loss_fn.fn = fn
 
 
+def parameter_names(args: ModelArgs) -> set[str]:
+    """The plain model's parameter names for ``args``, from the model code itself (built on the meta device:
+    no memory, no initialisation cost, even for 8B shapes)."""
+    with torch.device("meta"):
+        return {name for name, _ in GPT(args).named_parameters()}
+
+
 def parameter_count(args: ModelArgs) -> dict[str, int]:
     """Parameters of the full (unsplit) model, by part, computed from the shape alone."""
     h, f, v, L = args.hidden_size, args.ffn_size, args.vocab_size, args.n_layers
